@@ -1,0 +1,250 @@
+"""`clipdistill VERB ...`: a thin wrapper over the Python API.
+
+Each verb is a config dataclass plus a function; the flags are generated from the
+dataclass (see config.py). Modules are imported only for the verb that runs, so
+`clipdistill --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .errors import ClipDistillError, ConfigError
+from .registry import Registry
+
+
+@dataclass
+class Verb:
+    summary: str
+    description: str
+    config: str  # "module:Class"
+    run: str  # "module:function(cfg, args) -> int"
+    extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
+
+
+VERBS: Registry[Verb] = Registry("verb")
+
+
+def _load(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module, __package__), name)
+
+
+def _stderr(*a, **k):
+    print(*a, file=sys.stderr, **k)
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+# ------------------------------------------------------------------------------ verbs
+
+VERBS.add("embed", Verb(
+    "cache the teacher's image embeddings of one dataset split",
+    "Runs the teacher over every image of a split in batches and stores the embeddings as one float16 array "
+    "plus manifest.json under CACHE_DIR/embeddings/TEACHER/DATASET/SPLIT. Interrupted runs resume where they "
+    "stopped; a cache made by another teacher or preprocess is refused (rebuild with --overwrite).\n\n"
+    "examples:\n  clipdistill embed --dataset shapes10 --split unlabeled\n"
+    "  clipdistill embed --teacher ViT-B-32 --pretrained laion2b_s34b_b79k --dataset stl10 --split train "
+    "--data-root ~/data\n  clipdistill embed --dataset folder --data-root ~/my_images --split train",
+    ".embed:EmbedConfig", ".cli:_run_embed"))
+
+VERBS.add("teacher-eval", Verb(
+    "zero-shot and linear-probe accuracy of the teacher (the study's first table)",
+    "Caches the train and test embeddings, classifies the test split with the text head (cosine to the class "
+    "prompts, times --logit-scale) and with a linear probe trained on train (its epoch picked on a held-out "
+    "part of train, never on test). Writes OUT/teacher_eval.json.\n\n"
+    "examples:\n  clipdistill teacher-eval                      # tiny-shapes teacher on shapes10, offline\n"
+    "  clipdistill teacher-eval --teacher ViT-B-32 --dataset stl10 --json",
+    ".teacher_eval:TeacherEvalConfig", ".cli:_run_teacher_eval", _json_flag))
+
+
+VERBS.add("train", Verb(
+    "distil (or train from labels) a timm student",
+    "One training loop for every method. Teacher outputs come from the embedding cache (filled on first "
+    "use); the epoch's best weights are picked on a held-out part of the labelled train split (or teacher "
+    "agreement when there are no labels), never on test. The run folder holds config.json, "
+    "checkpoints/{last,best}.pt (full state), metrics.jsonl, tensorboard/ and result.json. A killed run "
+    "continues with the same command (--resume auto). Several GPUs or nodes: "
+    "`torchrun --nproc_per_node N -m clipdistill train ...`.\n\n"
+    "methods (--method, combine with +):\n" + "{methods}" + "\n\n"
+    "examples:\n  clipdistill train --method labels --data train                 # the study's from-scratch baseline\n"
+    "  clipdistill train --method kl --head linear --data train,unlabeled\n"
+    "  clipdistill train --method kl --head text --logit-scale 1 --data train,unlabeled   # the study's T=1 text row\n"
+    "  clipdistill train --method mse --head text --data train,unlabeled --student resnet34",
+    ".train:TrainConfig", ".cli:_run_train", _json_flag))
+
+VERBS.add("eval", Verb(
+    "test accuracy and teacher agreement of a trained run",
+    "Loads the run's best checkpoint and writes RUN/result.json with test_accuracy, teacher_agreement and "
+    "per-class accuracy (percent).\n\nexample:\n  clipdistill eval --run runs/shapes10-resnet18-kl-auto-train",
+    ".evaluate:EvalConfig", ".cli:_run_eval", _json_flag))
+
+
+def _print_result(res: dict, args) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(res, default=str))
+        return
+    print(f"{res['run_dir']}: test accuracy {res['test_accuracy']:.2f}%, teacher agreement "
+          f"{res['teacher_agreement']:.2f}% ({res['student']}, {res['method']}, head {res['head']}, "
+          f"data {res['data']})")
+
+
+def _run_train(cfg, args) -> int:
+    from .train import train
+
+    _print_result(train(cfg, log=_stderr), args)
+    return 0
+
+
+def _run_eval(cfg, args) -> int:
+    from .evaluate import evaluate_run
+
+    _print_result(evaluate_run(cfg, log=_stderr), args)
+    return 0
+
+
+VERBS.add("experiments", Verb(
+    "list the study's experiments and their settings, per suite",
+    "Each experiment is one row of the study's tables, built from the same config as `clipdistill train`.",
+    ".cli:NoConfig", ".cli:_run_experiments"))
+
+VERBS.add("reproduce", Verb(
+    "run the study's experiments and write RESULTS.md, results.json and plots",
+    "Runs what is missing (embeddings, probe, students), reuses what is done and resumes what was "
+    "interrupted; every number in the report is read from a run's result.json.\n\n"
+    "examples:\n  clipdistill reproduce --suite shapes10 --full          # offline, CPU\n"
+    "  clipdistill reproduce --suite stl10 --data-root ~/data     # the study, on a GPU machine\n"
+    "  clipdistill reproduce --suite stl10 --only resnet18_linear_train_unlabeled",
+    ".reproduce:ReproduceConfig", ".cli:_run_reproduce"))
+
+VERBS.add("demo", Verb(
+    "the study replayed offline on shapes10 with the tiny teacher (what `make demo` runs)",
+    "= `clipdistill reproduce --suite shapes10` with a compact selection that answers the study's questions: "
+    "teacher zero-shot and probe; from scratch vs distilled on train only; the gain from unlabeled data; "
+    "KL vs MSE. --full adds the student sizes and the remaining rows. Generates shapes10 and pre-trains the "
+    "tiny teacher on first use (cached).",
+    ".reproduce:DemoConfig", ".cli:_run_demo"))
+
+
+@dataclass
+class NoConfig:
+    pass
+
+
+def _run_experiments(cfg, args) -> int:
+    from .reproduce import list_experiments
+
+    print(list_experiments())
+    return 0
+
+
+def _run_reproduce(cfg, args) -> int:
+    from .reproduce import reproduce
+
+    res = reproduce(cfg, log=_stderr)
+    print(res["markdown"])
+    print(f"report: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it)")
+    return 0
+
+
+def _run_demo(cfg, args) -> int:
+    from .reproduce import demo
+
+    res = demo(cfg, log=_stderr)
+    print(res["markdown"])
+    print(f"report: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it); took {res['seconds']:.0f} s")
+    return 0
+
+
+def _run_embed(cfg, args) -> int:
+    from .embed import embed
+
+    cache = embed(cfg, log=_stderr)
+    print(cache.path)
+    return 0
+
+
+def _run_teacher_eval(cfg, args) -> int:
+    from .teacher_eval import teacher_eval
+
+    res = teacher_eval(cfg, log=_stderr)
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "config"}, default=str))
+    else:
+        print(f"teacher {cfg.teacher} on {cfg.dataset} test ({res['n_test']} images):")
+        print(f"  zero-shot (text prompts): {res['zero_shot_accuracy']:.2f}%")
+        print(f"  linear probe:             {res['linear_probe_accuracy']:.2f}%")
+        print(f"wrote {res['path']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parsing
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<14} {VERBS.get(name).summary}" for name in VERBS)
+    p = argparse.ArgumentParser(
+        prog="clipdistill", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distil an OpenCLIP teacher into a small, fast timm image classifier.",
+        epilog=f"verbs:\n{lines}\n\nRun `clipdistill VERB --help` for the flags of a verb.")
+    p.add_argument("verb", nargs="?", help="one of: " + ", ".join(VERBS))
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def build_parser(verb: str) -> argparse.ArgumentParser:
+    from .config import add_arguments
+
+    v = VERBS.get(verb)
+    description = v.description
+    if "{methods}" in description:
+        from .methods import describe_methods
+
+        description = description.replace("{methods}", describe_methods())
+    p = argparse.ArgumentParser(prog=f"clipdistill {verb}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p, _load(v.config))
+    if v.extra:
+        v.extra(p)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-"):
+        top = _top_parser()
+        ns = top.parse_args(argv)
+        if ns.version:
+            from . import __version__
+            print(__version__)
+            return 0
+        top.print_help()
+        return 0 if argv else 2
+    verb = argv[0]
+    if verb not in VERBS:
+        _top_parser().error(f"unknown verb {verb!r}; valid: {', '.join(VERBS)}")
+    parser = build_parser(verb)
+    args = parser.parse_args(argv[1:])
+    from .config import from_namespace
+
+    try:
+        cfg = from_namespace(_load(VERBS.get(verb).config), args)
+        return int(_load(VERBS.get(verb).run)(cfg, args) or 0)
+    except ConfigError as e:
+        parser.error(str(e))  # exits 2, with usage
+    except ClipDistillError as e:
+        _stderr(f"clipdistill {verb}: error: {e}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        _stderr(f"clipdistill {verb}: interrupted; run the same command again to resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""`clipdistill embed`: fill the embedding cache of one (teacher, dataset, split)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .cache import EmbeddingCache, cache_path
+from .config import DataOptions, TeacherOptions, check, option
+from .data.datasets import create_dataset, dataset_slug, default_data_root
+from .teacher.openclip_teacher import Teacher, create_teacher
+
+
+@dataclasses.dataclass
+class EmbedConfig(TeacherOptions, DataOptions):
+    split: str = option("train", "which split to embed (stl10/shapes10: train, test, unlabeled)")
+    overwrite: bool = option(False, "rebuild the cache even if one exists (also one made by another teacher)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        self._check_teacher()
+        self._check_data()
+        check(bool(self.split), "split", "give a split name")
+
+    @property
+    def resolved_data_root(self) -> str:
+        return self.data_root or default_data_root(self.cache_dir)
+
+
+def auto_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+class _Preprocessed(Dataset):
+    """Applies the teacher's preprocess; an unreadable image becomes a hole, not a crash."""
+
+    def __init__(self, ds, preprocess, start: int):
+        self.ds, self.preprocess, self.start = ds, preprocess, start
+
+    def __len__(self) -> int:
+        return len(self.ds) - self.start
+
+    def __getitem__(self, i: int):
+        idx = self.start + i
+        try:
+            image, _ = self.ds[idx]
+            return self.preprocess(image), idx, None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and reported
+            where = self.ds.describe(idx) if hasattr(self.ds, "describe") else f"item {idx}"
+            return None, idx, f"{where}: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    ok = [x for x in items if x[0] is not None]
+    x = torch.stack([t for t, _, _ in ok]) if ok else None
+    return x, [i for _, i, _ in ok], [(i, err) for _, i, err in items if err is not None]
+
+
+def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int = -1, overwrite: bool = False,
+               progress: bool = True, log=print) -> EmbeddingCache:
+    """Embed every image of `ds` into the cache at `path`, resuming from what is done."""
+    from tqdm import tqdm
+
+    cache = EmbeddingCache.open(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim,
+                                overwrite=overwrite)
+    if cache.complete:
+        log(f"embeddings already complete: {cache.path} ({cache.count} x {cache.dim}, skipped {cache.manifest['skipped']})")
+        return cache
+    start = cache.done
+    if start:
+        log(f"resuming {cache.path} at {start}/{cache.count}")
+    # Batches start at multiples of batch_size (resume points are commit points), so a
+    # resumed run computes exactly the batches an uninterrupted one would.
+    loader = DataLoader(_Preprocessed(ds, teacher.preprocess, start), batch_size=batch_size, shuffle=False,
+                        num_workers=auto_workers(workers), collate_fn=_collate,
+                        pin_memory=teacher.device.type == "cuda")
+    bar = tqdm(total=cache.count, initial=start, unit="img", desc=f"embed {cache.path.parent.name}/{cache.path.name}",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    pos = start
+    t0 = time.time()
+    for x, ok_idx, errors in loader:
+        n = len(ok_idx) + len(errors)
+        rows = np.zeros((n, cache.dim), dtype=np.float16)
+        valid = np.zeros(n, dtype=np.uint8)
+        if x is not None:
+            emb = teacher.encode_images(x).cpu().numpy()
+            rel = np.asarray(ok_idx) - pos
+            rows[rel] = emb
+            valid[rel] = 1
+        cache.write(pos, rows, valid)
+        pos += n
+        cache.commit(pos, [err for _, err in errors])
+        for _, err in errors:
+            tqdm.write(f"skipped unreadable image {err}", file=sys.stderr)
+        bar.update(n)
+    bar.close()
+    rate = (pos - start) / max(time.time() - t0, 1e-9)
+    log(f"wrote {cache.path / 'embeddings.npy'} ({cache.count} x {cache.dim} float16, {rate:.0f} img/s, "
+        f"skipped {cache.manifest['skipped']})")
+    return cache
+
+
+def embed(cfg: EmbedConfig, teacher: Optional[Teacher] = None, log=print) -> EmbeddingCache:
+    ds = create_dataset(cfg.dataset, cfg.split, cfg.resolved_data_root, cfg.image_size)  # cheap errors first
+    teacher = teacher or create_teacher(cfg.teacher, cfg.pretrained, cfg.device, cfg.precision, cfg.cache_dir)
+    path = cache_path(cfg.cache_dir, teacher.slug, dataset_slug(ds), cfg.split)
+    return fill_cache(teacher, ds, path, cfg.embed_batch_size, cfg.workers, cfg.overwrite, cfg.progress, log)

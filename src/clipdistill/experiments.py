@@ -1,0 +1,135 @@
+"""The study's experiments as data: one named preset per row of its tables.
+
+Each experiment is a set of overrides on a suite's base `TrainConfig` (or the teacher's
+own evaluation), so every row runs the same code a user runs from the CLI; nothing here
+is a function per experiment. Published figures come from the study's README and are only
+shown beside ours, never mixed in."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Question:
+    key: str
+    title: str
+
+
+QUESTIONS = [
+    Question("teacher", "How good is the teacher on this task?"),
+    Question("labels_vs_distill", "How does distillation compare to training with ground-truth labels? (train split only)"),
+    Question("data", "How does the data used for distillation impact accuracy?"),
+    Question("architecture", "How does the student architecture impact accuracy?"),
+    Question("method", "How does the distillation method impact accuracy?"),
+]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    question: str
+    kind: str  # "zero_shot", "linear_probe" (teacher-eval) or "student" (train)
+    overrides: dict = field(default_factory=dict)
+    teacher_label: str = ""
+    published: dict = field(default_factory=dict)  # suite -> the study's figure
+    demo: bool = False  # part of the compact `clipdistill demo` selection
+    beyond: bool = False  # not in the study
+
+
+EXPERIMENTS: Registry[Experiment] = Registry("experiment", flag="--only")
+
+_TRAIN = ["train"]
+_TRAIN_UNL = ["train", "unlabeled"]
+# The study's KL on the text head used T = 1 on *raw* cosines: logit scale 1 (methods.py).
+_STUDY_TEXT_KL = {"method": "kl", "head": "text", "logit_scale": 1.0, "temperature": 1.0}
+_LINEAR_KL = {"method": "kl", "head": "linear", "temperature": 1.0}
+
+
+def _add(e: Experiment) -> None:
+    EXPERIMENTS.add(e.name, e)
+
+
+_add(Experiment("openclip_text", "teacher", "zero_shot", teacher_label="openclip_text",
+                published={"stl10": 96.68}, demo=True))
+_add(Experiment("openclip_linear", "teacher", "linear_probe", teacher_label="openclip_linear",
+                published={"stl10": 98.57}, demo=True))
+_add(Experiment("resnet18_from_scratch", "labels_vs_distill", "student",
+                {"student": "resnet18", "method": "labels", "data": _TRAIN}, "None", {"stl10": 57.93}, demo=True))
+_add(Experiment("resnet18_text_train", "labels_vs_distill", "student",
+                {"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN}, "openclip_text", {"stl10": 44.04}))
+_add(Experiment("resnet18_linear_train", "labels_vs_distill", "student",
+                {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN}, "openclip_linear", {"stl10": 60.65}, demo=True))
+_add(Experiment("resnet18_text_train_unlabeled", "data", "student",
+                {"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN_UNL}, "openclip_text", {"stl10": 94.32},
+                demo=True))
+_add(Experiment("resnet18_linear_train_unlabeled", "data", "student",
+                {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN_UNL}, "openclip_linear", {"stl10": 96.88},
+                demo=True))
+for _arch, _fig in (("resnet34", 96.69), ("resnet50", 96.76)):
+    _add(Experiment(f"{_arch}_linear_train_unlabeled", "architecture", "student",
+                    {"student": _arch, **_LINEAR_KL, "data": _TRAIN_UNL}, "openclip_linear", {"stl10": _fig}))
+_add(Experiment("resnet18_embedding_text_train_unlabeled", "method", "student",
+                {"student": "resnet18", "method": "mse", "head": "text", "data": _TRAIN_UNL}, "openclip_embedding",
+                {"stl10": 94.575}))
+_add(Experiment("resnet18_embedding_linear_train_unlabeled", "method", "student",
+                {"student": "resnet18", "method": "mse", "head": "linear", "data": _TRAIN_UNL}, "openclip_embedding",
+                {"stl10": 96.912}, demo=True))
+# Beyond the study: CLIP's own logit scale for the text head (the study's T=1 on raw cosines
+# gives nearly uniform targets).
+_add(Experiment("resnet18_text100_train_unlabeled", "method", "student",
+                {"student": "resnet18", "method": "kl", "head": "text", "logit_scale": 100.0, "temperature": 1.0,
+                 "data": _TRAIN_UNL}, "openclip_text", beyond=True))
+
+
+# ----------------------------------------------------------------------------- suites
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    base: dict  # TrainConfig fields shared by every experiment of the suite
+    downloads: str = ""
+
+
+SUITES: Registry[Suite] = Registry("suite", flag="--suite")
+
+SUITES.add("stl10", Suite(
+    "stl10",
+    "the study itself: OpenCLIP ViT-B-32 (laion2b_s34b_b79k) teacher, STL10 at 96 px, the study's settings "
+    "(Adam 3e-4, batch 64, 50 epochs, constant lr, Normalize(0.5, 0.25), no augmentation)",
+    {"teacher": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "dataset": "stl10", "epochs": 50, "batch_size": 64,
+     "lr": 3e-4, "schedule": "constant", "student_mean": 0.5, "student_std": 0.25, "augment": "none"},
+    downloads="STL10 (2.6 GB from cs.stanford.edu, into DATA_ROOT/stl10_binary) and the ViT-B-32 laion2b weights "
+              "(605 MB from huggingface.co, into the Hugging Face cache)"))
+
+SUITES.add("shapes10", Suite(
+    "shapes10",
+    "the offline world: the tiny-shapes teacher on shapes10 at 32 px, sized to run on two CPU cores "
+    "(fewer epochs, cosine schedule; otherwise the study's settings)",
+    {"teacher": "tiny-shapes", "dataset": "shapes10", "image_size": 32, "epochs": 4, "batch_size": 64, "lr": 1e-3,
+     "schedule": "cosine", "student_mean": 0.5, "student_std": 0.25, "augment": "none"}))
+
+
+def build_config(suite: str, name: str, **overrides: Any):
+    """The TrainConfig (student rows) or TeacherEvalConfig (teacher rows) of one experiment."""
+    from .teacher_eval import TeacherEvalConfig
+    from .train import TrainConfig
+
+    s, e = SUITES.get(suite), EXPERIMENTS.get(name)
+    values = {**s.base, **e.overrides, **overrides}
+    if e.kind == "student":
+        return TrainConfig(**values)
+    names = {f.name for f in dataclasses.fields(TeacherEvalConfig)}
+    return TeacherEvalConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def select(suite: str, only: Optional[list[str]] = None, full: bool = False) -> list[Experiment]:
+    SUITES.get(suite)
+    if only:
+        return [EXPERIMENTS.get(n) for n in only]
+    return [EXPERIMENTS.get(n) for n in EXPERIMENTS if full or EXPERIMENTS.get(n).demo]

@@ -1,0 +1,146 @@
+"""`clipdistill reproduce` and `clipdistill demo`: run the study's experiments that are
+missing, reuse those that are done, resume those that were interrupted, then write the
+report. One teacher is loaded at most once, and only if something needs it."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from pathlib import Path
+from typing import Optional
+
+from . import atomic
+from .config import check, default_cache_dir, option, to_dict
+from .experiments import EXPERIMENTS, SUITES, build_config, select
+from .report import record, write_report
+
+
+@dataclasses.dataclass
+class ReproduceConfig:
+    suite: str = option("shapes10", "stl10 (the study: real teacher and data, GPU advised) or shapes10 (offline)",
+                        choices=["stl10", "shapes10"])
+    only: list[str] = option(default_factory=list, help="run only these experiments (see `clipdistill experiments`)")
+    full: bool = option(False, "every experiment of the suite, not the compact selection")
+    out: str = option("", "report folder; default runs/reproduce-SUITE", metavar="DIR")
+    cache_dir: str = option(default_factory=default_cache_dir, help="datasets, teachers and embeddings",
+                            metavar="DIR")
+    data_root: Optional[str] = option(None, "dataset files (stl10: the folder holding stl10_binary/)", metavar="DIR")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
+    epochs: int = option(0, "override every student's epochs (0: the suite's)")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        SUITES.get(self.suite)
+        for n in self.only:
+            EXPERIMENTS.get(n)
+        check(self.epochs >= 0, "epochs", "must be >= 0")
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/reproduce-{self.suite}")
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    full: bool = option(False, "also the student-size rows (resnet34, resnet50) and every other row")
+    out: str = option("runs/demo", "report folder", metavar="DIR")
+    cache_dir: str = option(default_factory=default_cache_dir, help="datasets, teachers and embeddings",
+                            metavar="DIR")
+    epochs: int = option(0, "override every student's epochs (0: the suite's)")
+    progress: bool = option(True, "show progress bars")
+
+    def reproduce_config(self) -> ReproduceConfig:
+        return ReproduceConfig(suite="shapes10", full=self.full, out=self.out, cache_dir=self.cache_dir,
+                               epochs=self.epochs, progress=self.progress, device="cpu")
+
+
+def _runtime(cfg: ReproduceConfig) -> dict:
+    o = {"cache_dir": cfg.cache_dir, "device": cfg.device, "progress": cfg.progress}
+    if cfg.data_root:
+        o["data_root"] = cfg.data_root
+    return o
+
+
+def reproduce(cfg: ReproduceConfig, log=print) -> dict:
+    from .teacher_eval import teacher_eval
+    from .train import train
+
+    t0 = time.time()
+    out = cfg.out_dir()
+    exps = select(cfg.suite, cfg.only, cfg.full)
+    teacher_box: dict = {}
+
+    def teacher(c):
+        # Shared across experiments: loaded once, and only when a cache must be filled.
+        if "t" not in teacher_box:
+            from .teacher.openclip_teacher import create_teacher
+
+            teacher_box["t"] = create_teacher(c.teacher, c.pretrained, c.device, c.precision, c.cache_dir)
+        return teacher_box["t"]
+
+    records, teacher_result = [], None
+    for i, e in enumerate(exps, 1):
+        log(f"[{i}/{len(exps)}] {e.name}")
+        if e.kind == "student":
+            extra = {"out": str(out / e.name)}
+            if cfg.epochs:
+                extra["epochs"] = cfg.epochs
+            tcfg = build_config(cfg.suite, e.name, **_runtime(cfg), **extra)
+            result = train(tcfg, log=log, teacher=None if _finished(tcfg) else teacher(tcfg))
+        else:
+            if teacher_result is None:
+                ecfg = build_config(cfg.suite, e.name, **_runtime(cfg), out=str(out / "teacher"))
+                teacher_result = _reuse_teacher_eval(ecfg) or teacher_eval(ecfg, teacher=teacher(ecfg), log=log)
+            result = teacher_result
+        records.append(record(e, cfg.suite, result))
+    header = (f"Made by `clipdistill reproduce --suite {cfg.suite}` on {time.strftime('%Y-%m-%d')} "
+              f"({platform.machine()}, {platform.processor() or platform.system()}); "
+              f"{SUITES.get(cfg.suite).description}.")
+    rep = write_report(records, out, cfg.suite, header)
+    log(f"wrote {out / 'RESULTS.md'}, {out / 'results.json'} and {len(rep['plots'])} plots "
+        f"in {time.time() - t0:.0f} s")
+    return {"records": records, "markdown": rep["markdown"], "out": str(out), "seconds": time.time() - t0}
+
+
+def _finished(tcfg) -> bool:
+    from .train import finished_result
+
+    return finished_result(tcfg) is not None
+
+
+def _reuse_teacher_eval(ecfg) -> Optional[dict]:
+    path = Path(ecfg.out) / "teacher_eval.json"
+    if not path.exists():
+        return None
+    res = atomic.read_json(path)
+    skip = ("progress", "cache_dir", "device", "workers", "embed_batch_size", "out", "data_root")
+    now = {k: v for k, v in to_dict(ecfg).items() if k not in skip}
+    then = {k: v for k, v in res.get("config", {}).items() if k not in skip}
+    if now != then:
+        return None
+    res["path"] = str(path)
+    return res
+
+
+def demo(cfg: DemoConfig, log=print) -> dict:
+    return reproduce(cfg.reproduce_config(), log=log)
+
+
+def list_experiments() -> str:
+    lines = []
+    for suite in SUITES:
+        s = SUITES.get(suite)
+        lines.append(f"suite {suite}: {s.description}")
+        for name in EXPERIMENTS:
+            e = EXPERIMENTS.get(name)
+            cfg = build_config(suite, name, progress=False)
+            if e.kind == "student":
+                what = (f"student {cfg.student}, method {cfg.method}, head {cfg.head}, data {'+'.join(cfg.data)}, "
+                        f"epochs {cfg.epochs}, lr {cfg.lr}, logit scale {cfg.logit_scale}, T {cfg.temperature}")
+            else:
+                what = "teacher " + ("zero-shot (text prompts)" if e.kind == "zero_shot" else "linear probe on train")
+            flags = ("demo " if e.demo else "") + ("beyond-the-study" if e.beyond else "")
+            pub = e.published.get(suite)
+            lines.append(f"  {name:<44} {what}" + (f"; study: {pub}" if pub is not None else "") +
+                         (f" [{flags.strip()}]" if flags.strip() else ""))
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""Students: any timm architecture, and the input pipeline it sees.
+
+Images travel as uint8 (N, H, W, 3) batches and are turned into normalised float tensors
+on the training device in one vectorised step, instead of a PIL transform per sample:
+the study's `ToTensor()` + `Normalize(0.5, 0.25)` at the dataset's native 96 px."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+def create_student(arch: str, out_dim: int, pretrained: bool = False) -> nn.Module:
+    import timm
+
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
+        raise ConfigError(f"--student {arch!r} is not a timm model" + (f"; did you mean one of: {', '.join(close)}"
+                                                                       if close else "") +
+                          " (all: python -c \"import timm; print(timm.list_models())\")")
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=out_dim)
+    except Exception as e:  # timm raises several types when weights cannot be fetched
+        if pretrained:
+            raise ConfigError(f"--student-pretrained: weights for {arch} could not be loaded ({type(e).__name__}: "
+                              f"{e}); put them in the Hugging Face cache or drop --student-pretrained") from None
+        raise
+
+
+AUGMENTATIONS = ("none", "flip", "flip-crop")
+
+
+def prepare_images(images_u8: torch.Tensor, size: int, mean: float | tuple, std: float | tuple,
+                   augment: str = "none", generator: Optional[torch.Generator] = None,
+                   channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size).
+
+    Augmentations are drawn from `generator` so a resumed run draws the same ones."""
+    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if augment in ("flip", "flip-crop"):
+        flip = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    if augment == "flip-crop":
+        pad = max(1, size // 8)
+        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dx = torch.randint(0, 2 * pad + 1, (x.shape[0],), generator=generator)
+        dy = torch.randint(0, 2 * pad + 1, (x.shape[0],), generator=generator)
+        x = torch.stack([xp[i, :, dy[i]:dy[i] + size, dx[i]:dx[i] + size] for i in range(x.shape[0])])
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

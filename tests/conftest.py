@@ -1,0 +1,50 @@
+"""Shared, session-scoped pieces of the offline world: the generated shapes10 data, a
+randomly initialised tiny-shapes checkpoint, and a (briefly) pre-trained tiny teacher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: every download path must fail fast instead.
+os.environ["CLIPDISTILL_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def data_root(cache_dir) -> Path:
+    return cache_dir / "data"
+
+
+@pytest.fixture(scope="session")
+def random_teacher_file(tmp_path_factory) -> Path:
+    """A real tiny-shapes open_clip model with random weights, saved as a checkpoint file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from clipdistill.teacher.tiny import register_model_configs
+
+    register_model_configs()
+    path = tmp_path_factory.mktemp("weights") / "tiny-random.safetensors"
+    model = open_clip.create_model("tiny-shapes")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True):
+    """Run `python -m clipdistill ARGS` in a real subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "clipdistill", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"clipdistill {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc

@@ -1,0 +1,43 @@
+from conftest import run_cli
+
+from clipdistill.cli import VERBS
+
+
+def test_top_level_help_lists_every_verb():
+    proc = run_cli("--help")
+    for verb in VERBS:
+        assert verb in proc.stdout
+        assert VERBS.get(verb).summary[:30] in proc.stdout
+
+
+def test_verb_help_teaches_flags_and_examples():
+    proc = run_cli("embed", "--help")
+    assert "--teacher" in proc.stdout and "--pretrained" in proc.stdout and "examples:" in proc.stdout
+    proc = run_cli("train", "--help")
+    for method in ("labels", "kl", "mse", "cosine"):
+        assert method in proc.stdout
+
+
+def test_unknown_flag_exits_2_and_names_it():
+    proc = run_cli("embed", "--batchsize", "3", check=False)
+    assert proc.returncode == 2
+    assert "--batchsize" in proc.stderr
+
+
+def test_bad_value_exits_2_and_names_the_flag():
+    proc = run_cli("embed", "--embed-batch-size", "0", check=False)
+    assert proc.returncode == 2
+    assert "--embed-batch-size" in proc.stderr and ">= 1" in proc.stderr
+    proc = run_cli("embed", "--embed-batch-size", "many", check=False)
+    assert proc.returncode == 2 and "expected int" in proc.stderr
+
+
+def test_unknown_dataset_lists_valid_ones(tmp_path):
+    proc = run_cli("embed", "--dataset", "imagenet", "--cache-dir", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert "--dataset" in proc.stderr and "shapes10" in proc.stderr and "stl10" in proc.stderr
+
+
+def test_unknown_verb_exits_2():
+    proc = run_cli("distill", check=False)
+    assert proc.returncode == 2 and "teacher-eval" in proc.stderr

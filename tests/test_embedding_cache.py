@@ -1,0 +1,157 @@
+"""The embedding cache: resume after SIGKILL, refusal of foreign caches, skipped files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+from clipdistill.cache import EmbeddedDataset, EmbeddingCache, cache_path
+from clipdistill.embed import EmbedConfig, embed
+from clipdistill.errors import CacheMismatchError
+
+
+def _manifest(cache_root: Path) -> Path | None:
+    found = list(cache_root.glob("embeddings/*/shapes10-32px/unlabeled/manifest.json"))
+    return found[0] if found else None
+
+
+def test_embed_resumes_after_sigkill_and_equals_uninterrupted_run(tmp_path, data_root, random_teacher_file):
+    args = ["embed", "--pretrained", str(random_teacher_file), "--split", "unlabeled", "--data-root", str(data_root),
+            "--embed-batch-size", "16", "--workers", "0", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "clipdistill", *args, "--cache-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline:
+        mf = _manifest(killed)
+        if mf is not None:
+            try:
+                m = json.loads(mf.read_text())
+            except (json.JSONDecodeError, FileNotFoundError):
+                m = {"done": 0, "complete": False}
+            if m["done"] >= 16 * 5:
+                done = m["done"]
+                break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    m = json.loads(_manifest(killed).read_text())
+    assert 0 < done and not m["complete"], "the run finished before it could be killed; make it longer"
+
+    resumed = run_cli(*args, "--cache-dir", str(killed))
+    assert "resuming" in resumed.stderr
+    m = json.loads(_manifest(killed).read_text())
+    assert m["complete"] and m["done"] == m["count"]
+
+    run_cli(*args, "--cache-dir", str(tmp_path / "clean"))
+    a = np.load(_manifest(killed).parent / "embeddings.npy")
+    b = np.load(_manifest(tmp_path / "clean").parent / "embeddings.npy")
+    assert a.shape == b.shape and a.dtype == np.float16
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(np.float32)).sum(1).min() > 0  # no row left unwritten
+
+
+def test_second_run_reuses_the_cache(tmp_path, data_root, random_teacher_file):
+    cfg = EmbedConfig(pretrained=str(random_teacher_file), split="test", data_root=str(data_root),
+                      cache_dir=str(tmp_path), progress=False)
+    first = embed(cfg, log=lambda *a: None)
+    stamp = (first.path / "embeddings.npy").stat().st_mtime_ns
+    msgs = []
+    second = embed(cfg, log=msgs.append)
+    assert second.complete and "already complete" in msgs[0]
+    assert (second.path / "embeddings.npy").stat().st_mtime_ns == stamp
+    assert set(first.manifest) >= {"count", "dim", "complete", "skipped", "teacher", "dataset"}
+
+
+def test_foreign_teacher_cache_is_refused(tmp_path, data_root, random_teacher_file):
+    import shutil
+
+    cfg = EmbedConfig(pretrained=str(random_teacher_file), split="test", data_root=str(data_root),
+                      cache_dir=str(tmp_path / "c"), progress=False)
+    embed(cfg, log=lambda *a: None)
+    # Same file name (so the same cache folder), other weights: a retrained teacher.
+    other = tmp_path / "other" / random_teacher_file.name
+    other.parent.mkdir()
+    import open_clip
+    from safetensors.torch import save_file
+
+    import torch
+
+    torch.manual_seed(1)
+    save_file({k: v.contiguous() for k, v in open_clip.create_model("tiny-shapes").state_dict().items()}, str(other))
+    proc = run_cli("embed", "--pretrained", str(other), "--split", "test", "--data-root", str(data_root),
+                   "--cache-dir", str(tmp_path / "c"), "--no-progress", check=False)
+    assert proc.returncode == 1
+    assert "another teacher" in proc.stderr and "--overwrite" in proc.stderr and "weights" in proc.stderr
+    with pytest.raises(CacheMismatchError):
+        embed(EmbedConfig(**{**cfg.__dict__, "pretrained": str(other)}), log=lambda *a: None)
+    # --overwrite rebuilds it
+    rebuilt = embed(EmbedConfig(**{**cfg.__dict__, "pretrained": str(other), "overwrite": True}), log=lambda *a: None)
+    assert rebuilt.complete
+
+
+def test_foreign_preprocess_is_refused(tmp_path, data_root, random_teacher_file):
+    path = tmp_path / "cache"
+    EmbeddingCache.open(path, {"model": "m", "preprocess": "Resize(224)"}, {"name": "d"}, 4, 8)
+    with pytest.raises(CacheMismatchError, match="preprocess"):
+        EmbeddingCache.open(path, {"model": "m", "preprocess": "Resize(96)"}, {"name": "d"}, 4, 8)
+
+
+def test_folder_with_corrupt_and_non_image_files(tmp_path, random_teacher_file):
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    (root / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+    cfg = EmbedConfig(dataset="folder", data_root=str(root), split="train", pretrained=str(random_teacher_file),
+                      cache_dir=str(tmp_path / "cache"), progress=False, embed_batch_size=4, workers=0)
+    cache = embed(cfg, log=lambda *a: None)
+    assert cache.complete and cache.count == 12
+    assert cache.manifest["skipped"] == 2
+    assert any("broken.jpg" in s for s in cache.manifest["skipped_items"])
+    assert any("notes.txt" in s for s in cache.manifest["skipped_items"])
+    assert len(cache.valid_indices()) == 10
+
+    from clipdistill.data.datasets import create_dataset
+
+    ds = create_dataset("folder", "train", str(root))
+    joined = EmbeddedDataset(ds, EmbeddingCache.load(cache.path))
+    assert len(joined) == 10
+    image, label, emb = joined[0]
+    assert label in (0, 1) and emb.shape == (cache.dim,) and emb.dtype == np.float32
+    assert image.size == (50, 40)
+
+
+def test_embedded_dataset_reads_through_a_memmap(tmp_path, data_root, random_teacher_file):
+    cfg = EmbedConfig(pretrained=str(random_teacher_file), split="test", data_root=str(data_root),
+                      cache_dir=str(tmp_path), progress=False)
+    cache = EmbeddingCache.load(embed(cfg, log=lambda *a: None).path)
+    assert isinstance(cache.embeddings, np.memmap)
+    from clipdistill.data.datasets import create_dataset
+
+    joined = EmbeddedDataset(create_dataset("shapes10", "test", str(data_root)), cache)
+    _, label, emb = joined[7]
+    np.testing.assert_array_equal(emb, cache.embeddings[7].astype(np.float32))
+    assert 0 <= label < 10
+
+
+def test_incomplete_cache_is_not_loaded(tmp_path):
+    path = tmp_path / "c"
+    EmbeddingCache.open(path, {"model": "m"}, {"name": "d"}, 4, 8)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        EmbeddingCache.load(path)

@@ -1,0 +1,79 @@
+"""The teacher wrapper up to the network boundary: local checkpoints, fast offline errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+
+from clipdistill.errors import ConfigError, MissingResourceError
+from clipdistill.teacher.openclip_teacher import create_teacher
+
+
+def test_local_checkpoint_path_loads_the_same_weights(random_teacher_file):
+    from safetensors.torch import load_file
+
+    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu")
+    saved = load_file(str(random_teacher_file))
+    state = teacher.model.state_dict()
+    assert saved.keys() == state.keys()
+    for k, v in saved.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    fp = teacher.fingerprint()
+    assert fp["weights"].startswith("file:") and "Normalize" in fp["preprocess"]
+    emb = teacher.encode_images(torch.randn(3, 3, 32, 32))
+    assert emb.shape == (3, teacher.embed_dim) and emb.dtype == torch.float32
+
+
+def test_text_templates_are_averaged_like_open_clip(random_teacher_file):
+    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu")
+    templates = ["a photo of {}.", "a drawing of {}."]
+    got = teacher.encode_texts(["a star", "a ring"], templates)
+    for row, p in zip(got, ["a star", "a ring"]):
+        e = F.normalize(teacher.model.encode_text(teacher.tokenizer([t.format(p) for t in templates])), dim=-1)
+        torch.testing.assert_close(row, F.normalize(e.mean(0), dim=-1), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got.norm(dim=-1), torch.ones(2))
+
+
+def test_wrong_architecture_checkpoint_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"foo": torch.zeros(3)}, str(bad))
+    with pytest.raises(ConfigError, match="bad.safetensors"):
+        create_teacher("tiny-shapes", pretrained=str(bad), device="cpu")
+
+
+def test_missing_checkpoint_file_names_it(tmp_path):
+    with pytest.raises(MissingResourceError, match="nope.safetensors"):
+        create_teacher("tiny-shapes", pretrained=str(tmp_path / "nope.safetensors"), device="cpu")
+
+
+def test_offline_real_teacher_fails_fast_with_what_to_place(tmp_path):
+    t0 = time.time()
+    proc = run_cli("embed", "--teacher", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", "--cache-dir",
+                   str(tmp_path), check=False, env={"HF_HOME": str(tmp_path / "hf")})
+    assert time.time() - t0 < 30
+    assert proc.returncode == 1
+    msg = proc.stderr
+    assert "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in msg and "--pretrained" in msg and "huggingface" in msg
+
+
+def test_unknown_tag_and_model_list_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="laion2b_s34b_b79k"):
+        create_teacher("ViT-B-32", pretrained="laion9000", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="not an open_clip model"):
+        create_teacher("ViT-Z-99", cache_dir=str(tmp_path))
+
+
+def test_stl10_missing_says_where_to_put_it(tmp_path, random_teacher_file):
+    t0 = time.time()
+    proc = run_cli("embed", "--dataset", "stl10", "--data-root", str(tmp_path), "--pretrained",
+                   str(random_teacher_file), "--cache-dir", str(tmp_path), check=False)
+    assert time.time() - t0 < 30
+    assert proc.returncode == 1
+    assert "stl10_binary" in proc.stderr and "--data-root" in proc.stderr
