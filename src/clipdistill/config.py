@@ -143,6 +143,7 @@ class DataOptions:
     data_root: Optional[str] = option(None, "dataset files (stl10: the folder holding stl10_binary/; folder: the "
                                             "image folder); default: CACHE_DIR/data", metavar="DIR")
     image_size: int = option(32, "shapes10 only: side of the generated images in pixels (STL10 is 96)")
+    max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials")
     prompts: Optional[str] = option(None, "text file with one prompt per class, in class order; default: the "
                                           "dataset's own prompts", metavar="FILE")
 
@@ -155,6 +156,7 @@ class DataOptions:
 
         DATASETS.get(self.dataset)  # unknown names fail before any teacher is loaded
         check(self.image_size >= 8, "image_size", "must be >= 8 pixels")
+        check(self.max_images >= 0, "max_images", "must be >= 0 (0 = all)")
         for name in ("prompts", "templates"):
             value = getattr(self, name)
             if value is not None:

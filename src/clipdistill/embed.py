@@ -110,7 +110,7 @@ def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int =
 
 
 def embed(cfg: EmbedConfig, teacher: Optional[Teacher] = None, log=print) -> EmbeddingCache:
-    ds = create_dataset(cfg.dataset, cfg.split, cfg.resolved_data_root, cfg.image_size)  # cheap errors first
+    ds = create_dataset(cfg.dataset, cfg.split, cfg.resolved_data_root, cfg.image_size, cfg.max_images)  # cheap errors first
     teacher = teacher or create_teacher(cfg.teacher, cfg.pretrained, cfg.device, cfg.precision, cfg.cache_dir)
     path = cache_path(cfg.cache_dir, teacher.slug, dataset_slug(ds), cfg.split)
     return fill_cache(teacher, ds, path, cfg.embed_batch_size, cfg.workers, cfg.overwrite, cfg.progress, log)

@@ -28,6 +28,9 @@ class ReproduceConfig:
     data_root: Optional[str] = option(None, "dataset files (stl10: the folder holding stl10_binary/)", metavar="DIR")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     epochs: int = option(0, "override every student's epochs (0: the suite's)")
+    pretrained: Optional[str] = option(None, "override the suite teacher's weights (a local checkpoint file)",
+                                       metavar="TAG|PATH")
+    max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -56,8 +59,9 @@ class DemoConfig:
 
 def _runtime(cfg: ReproduceConfig) -> dict:
     o = {"cache_dir": cfg.cache_dir, "device": cfg.device, "progress": cfg.progress}
-    if cfg.data_root:
-        o["data_root"] = cfg.data_root
+    for k in ("data_root", "pretrained", "max_images"):
+        if getattr(cfg, k):
+            o[k] = getattr(cfg, k)
     return o
 
 
@@ -78,6 +82,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
             teacher_box["t"] = create_teacher(c.teacher, c.pretrained, c.device, c.precision, c.cache_dir)
         return teacher_box["t"]
 
+    _preflight(cfg, exps)
     records, teacher_result = [], None
     for i, e in enumerate(exps, 1):
         log(f"[{i}/{len(exps)}] {e.name}")
@@ -100,6 +105,34 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     log(f"wrote {out / 'RESULTS.md'}, {out / 'results.json'} and {len(rep['plots'])} plots "
         f"in {time.time() - t0:.0f} s")
     return {"records": records, "markdown": rep["markdown"], "out": str(out), "seconds": time.time() - t0}
+
+
+def _preflight(cfg: ReproduceConfig, exps) -> None:
+    """Say everything that must be downloaded or placed at once, before any work starts."""
+    from .data.datasets import create_dataset, default_data_root
+    from .errors import MissingResourceError
+    from .teacher.openclip_teacher import resolve_weights
+
+    if all(e.kind == "student" and _finished(build_config(cfg.suite, e.name, **_runtime(cfg),
+                                                          out=str(cfg.out_dir() / e.name),
+                                                          **({"epochs": cfg.epochs} if cfg.epochs else {})))
+           for e in exps):
+        return
+    c = build_config(cfg.suite, exps[0].name, **_runtime(cfg))
+    problems = []
+    try:
+        create_dataset(c.dataset, "test", c.data_root or default_data_root(c.cache_dir), c.image_size,
+                       c.max_images)
+    except MissingResourceError as e:
+        problems.append(str(e))
+    if c.teacher != "tiny-shapes":  # the tiny teacher is made here, not downloaded
+        try:
+            resolve_weights(c.teacher, c.pretrained, c.cache_dir)
+        except MissingResourceError as e:
+            problems.append(str(e))
+    if problems:
+        raise MissingResourceError(f"the {cfg.suite} suite needs files that are not here:\n- " +
+                                   "\n- ".join(problems))
 
 
 def _finished(tcfg) -> bool:

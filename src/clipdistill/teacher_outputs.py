@@ -57,7 +57,7 @@ def prepare_teacher_outputs(topt: TeacherOptions, dopt: DataOptions, splits: lis
                             = None, teacher: Optional[Teacher] = None, progress: bool = True,
                             overwrite: bool = False, log=print) -> TeacherOutputs:
     root = dopt.data_root or default_data_root(topt.cache_dir)
-    datasets = {s: create_dataset(dopt.dataset, s, root, dopt.image_size) for s in splits}  # cheap errors first
+    datasets = {s: create_dataset(dopt.dataset, s, root, dopt.image_size, dopt.max_images) for s in splits}  # cheap errors first
     teacher = teacher or create_teacher(topt.teacher, topt.pretrained, topt.device, topt.precision, topt.cache_dir)
     first = datasets[splits[0]]
     classes = list(getattr(first, "classes", []))

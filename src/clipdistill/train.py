@@ -180,7 +180,11 @@ class Trainer:
                 "step": self.step, "best": self.best, "history": self.history, "config": to_dict(self.cfg),
                 "head": self.head_name, "method": self.method.spec, "output": self.method.output,
                 "num_classes": self.num_classes, "embed_dim": self.embed_dim, "size": self.size,
-                "classes": self.outs.classes, "val_metric": self.val_metric}
+                "classes": self.outs.classes, "prompts": self.outs.prompts, "val_metric": self.val_metric,
+                "teacher": self.outs.teacher.fingerprint(),
+                # The frozen head travels with the student, so export needs no teacher.
+                "teacher_head": {"kind": self.head_name, "state_dict": self.teacher_head.state_dict(),
+                                 "logit_scale": self.cfg.logit_scale}}
 
     def try_resume(self) -> bool:
         ckpt_path = self.run_dir / "checkpoints" / "last.pt"

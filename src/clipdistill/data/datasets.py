@@ -29,6 +29,34 @@ class DatasetRequest:
     split: str
     root: str
     image_size: int = 32
+    max_images: int = 0  # 0 = all; else the first N of the split
+
+
+class FirstN:
+    """The first `n` items of a dataset: quick trials on a slice of a big split."""
+
+    def __init__(self, ds, n: int):
+        self.ds, self.n = ds, min(n, len(ds))
+        for attr in ("classes", "prompts", "templates", "split"):
+            if hasattr(ds, attr):
+                setattr(self, attr, getattr(ds, attr))
+        if hasattr(ds, "data"):
+            self.data = ds.data[: self.n]
+        self.targets = np.asarray(ds.targets)[: self.n]
+
+    def fingerprint(self) -> dict:
+        return {**self.ds.fingerprint(), "first": self.n}
+
+    def describe(self, i: int) -> str:
+        return self.ds.describe(i) if hasattr(self.ds, "describe") else f"item {i}"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.ds[i]
 
 
 DATASETS: Registry[Callable[[DatasetRequest], Any]] = Registry("dataset", flag="--dataset")
@@ -38,8 +66,12 @@ STL10_PROMPTS = ["an airplane", "a bird", "a car", "a cat", "a deer", "a dog", "
                  "a ship", "a truck"]
 
 
-def create_dataset(name: str, split: str, root: str, image_size: int = 32):
-    return DATASETS.get(name)(DatasetRequest(name=name, split=split, root=root, image_size=image_size))
+def create_dataset(name: str, split: str, root: str, image_size: int = 32, max_images: int = 0):
+    ds = DATASETS.get(name)(DatasetRequest(name=name, split=split, root=root, image_size=image_size,
+                                           max_images=max_images))
+    if max_images and len(ds) > max_images:
+        ds = FirstN(ds, max_images)
+    return ds
 
 
 def dataset_splits(name: str) -> tuple[str, ...]:
@@ -52,9 +84,17 @@ def dataset_splits(name: str) -> tuple[str, ...]:
 def _shapes10(req: DatasetRequest):
     from .shapes10 import Shapes10
 
-    ds = Shapes10(req.root, split=req.split, size=req.image_size)
-    if not hasattr(ds, "prompts"):
-        ds.prompts = [f"a {c}" for c in ds.classes]
+    from .shapes10 import SPLITS
+
+    n = SPLITS[req.split].n if req.split in SPLITS else None
+    # Generate only what is asked for: a slice of shapes10 is the same first images.
+    ds = Shapes10(req.root, split=req.split, size=req.image_size,
+                  n=min(n, req.max_images) if (n and req.max_images) else None)
+    from ..teacher.tiny import TINY_PROMPT_TEMPLATES
+
+    # Class names go into the templates, phrased as the tiny teacher's captions are.
+    ds.prompts = list(ds.classes)
+    ds.templates = list(TINY_PROMPT_TEMPLATES)
     return ds
 
 
@@ -193,12 +233,16 @@ def read_prompts(path: Optional[str], classes: list[str], default: list[str]) ->
 def dataset_slug(ds: Any) -> str:
     """A readable folder name for caches; the fingerprint in the manifest is the real key."""
     fp = ds.fingerprint()
+    suffix = f"-first{fp['first']}" if "first" in fp else ""
     if fp["name"] == "shapes10":
-        return f"shapes10-{fp.get('size')}px"
+        from .shapes10 import SPLITS
+
+        default_n = SPLITS[fp["split"]].n if fp["split"] in SPLITS else fp["n"]
+        return f"shapes10-{fp.get('size')}px" + (f"-first{fp['n']}" if fp["n"] != default_n else "")
     if fp["name"] == "folder":
         path = fp["path"]
-        return f"folder-{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
-    return fp["name"]
+        return f"folder-{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}{suffix}"
+    return fp["name"] + suffix
 
 
 def default_data_root(cache_dir: str) -> str:
