@@ -21,6 +21,9 @@ def _atomic(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None])
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cache or model is not a secret
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -184,6 +184,41 @@ def _run_teacher_eval(cfg, args) -> int:
     return 0
 
 
+VERBS.add("export", Verb(
+    "a trained student (or a teacher's image encoder) as ONNX, checked against PyTorch; --int8 adds INT8",
+    "Writes the student as ONNX (dynamic batch, the trained side unless --size) with its head folded in, so it "
+    "outputs class logits; the input size, normalisation and resize rule, class names, prompts, teacher and "
+    "accuracy go into the ONNX metadata and a JSON sidecar (OUT with .json). ONNX Runtime and PyTorch run the "
+    "same real test images; the largest difference is printed and past --tolerance nothing is written. "
+    "--int8 adds OUT.int8.onnx: ONNX Runtime static quantization (QDQ, per-channel int8 weights) calibrated on "
+    "the run's training images, with test accuracy before and after (fails past --max-drop points). "
+    "--teacher exports an open_clip image encoder the same way, for `clipdistill bench`.\n\n"
+    "examples:\n  clipdistill export --run runs/shapes10-resnet18-kl-linear-train --int8\n"
+    "  clipdistill export --run runs/RUN --size 224 --int8          # the study's 224 px setting\n"
+    "  clipdistill export --run runs/RUN --int8 --int8-target tensorrt   # symmetric int8 for TensorRT\n"
+    "  clipdistill export --teacher ViT-B-32 --pretrained random --out vit-b-32.onnx   # speed/memory only",
+    ".export:ExportConfig", ".export:run_cli", _json_flag))
+
+VERBS.add("bench", Verb(
+    "throughput, latency and memory of ONNX models per backend; the student/teacher table",
+    "Each (model, backend) row runs in a fresh process: warm-up, then timed batches of random input; reports "
+    "images/s, latency per batch (p50, p99) and the model's peak memory (process peak minus its baseline). "
+    "Backends not installed here are reported as skipped. Writes --out (a list of records) and prints the "
+    "deployment table with the student/teacher ratios.\n\n"
+    "examples:\n  clipdistill bench --model runs/RUN/model-224px.onnx --model vit-b-32.onnx\n"
+    "  clipdistill bench --model runs/RUN/model.int8.onnx --model runs/RUN/model.onnx --backend ort-cpu,torch\n"
+    "  clipdistill bench --model student.onnx --backend trtexec     # on a Jetson or GPU machine",
+    ".bench:BenchConfig", ".bench:run_cli", lambda p: _load(".bench:cli_args")(p)))
+
+VERBS.add("predict", Verb(
+    "top-k classes per image from an exported ONNX model (ONNX Runtime, numpy and Pillow only)",
+    "Reads the input size, normalisation and class names from the model's metadata; folders are read in "
+    "batches; a file that cannot be read is skipped with a warning naming it.\n\n"
+    "examples:\n  clipdistill predict --model runs/RUN/model.int8.onnx photos/\n"
+    "  clipdistill predict --model model.onnx cat.jpg dog.png --top-k 3 --json",
+    ".predict:PredictConfig", ".predict:run_cli", lambda p: _load(".predict:cli_args")(p)))
+
+
 # ------------------------------------------------------------------------------ parsing
 
 def _top_parser() -> argparse.ArgumentParser:

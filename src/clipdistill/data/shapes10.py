@@ -71,12 +71,12 @@ COLORS: dict[str, tuple[int, int, int]] = {
 _COLOR_NAMES = tuple(COLORS)
 _COLOR_RGB = np.array([COLORS[c] for c in _COLOR_NAMES], dtype=np.float32)
 
-_OBJECT_RADIUS = (0.20, 0.42)  # half-extent of the object, as a fraction of the image side
-_SIZE_WORDS = ((0.27, "small"), (0.35, "medium"), (1.0, "large"))
+_OBJECT_RADIUS = (0.24, 0.44)  # half-extent of the object, as a fraction of the image side
+_SIZE_WORDS = ((0.31, "small"), (0.38, "medium"), (1.0, "large"))
 _CLUTTER = (0, 4)  # distractors per image: [low, high)
 _IN_FRONT = 0.2  # chance that a distractor is drawn over the object
 _NOISE = 8.0  # largest pixel-noise sigma (0-255 scale)
-_ROTATION = np.pi  # objects turn by up to this angle either way
+_ROTATION = 0.35  # radians: objects stand roughly upright, as in photos
 _BG_SHARES = (0.35, 0.35)  # chances of a plain and a gradient background; the rest are textured
 
 
@@ -295,14 +295,24 @@ _ATTRIBUTE_TEMPLATES = (
     "a {size} {name} on a {bgkind} background",
     "a {name} shape in {color}",
 )
-_PLAIN_SHARE = 0.5
+_PLAIN_SHARE = 0.7
+# Alt-text is sometimes wrong, and wrong in a systematic way: a diamond called a square, a
+# ring a circle. The teacher's text side inherits the bias, its image features much less,
+# which is why (as with real CLIP) a linear probe on its embeddings beats its zero-shot head.
+_CONFUSED = {"diamond": "square", "square": "diamond", "ring": "circle", "circle": "ring",
+             "cross": "star", "star": "cross", "hourglass": "triangle", "triangle": "hourglass",
+             "heart": "crescent", "crescent": "heart"}
+_MISNAMED = 0.12  # chance that a caption names the confusable class instead
 
 
 def caption(scene: _Scene, rng: np.random.Generator) -> str:
     pool = _PLAIN_TEMPLATES if rng.random() < _PLAIN_SHARE else _ATTRIBUTE_TEMPLATES
     t = pool[int(rng.integers(len(pool)))]
     bg = scene.bg_color if scene.bg_kind == "plain" else f"{scene.bg_color} {scene.bg_kind}"
-    text = t.format(name=CLASSES[scene.label], color=scene.color, size=scene.size_word, bg=bg,
+    name = CLASSES[scene.label]
+    if rng.random() < _MISNAMED:
+        name = _CONFUSED[name]
+    text = t.format(name=name, color=scene.color, size=scene.size_word, bg=bg,
                     bgkind=scene.bg_kind)
     return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange star"
 

@@ -1,0 +1,561 @@
+"""`clipdistill export`: a student (or a teacher's image encoder) as one ONNX file.
+
+What the file computes is what the user gets from it: normalised pixels in (dynamic batch,
+fixed side), class logits out. An "embedding" student has its teacher head (text or
+linear probe) folded into the graph, so no teacher is needed at run time. How to make the
+input — side, mean/std, resize rule — and what the outputs mean — class names, prompts,
+the teacher, the accuracy — are written into the ONNX metadata (key `clipdistill`, read by
+`predict` with ONNX Runtime alone) and into a JSON sidecar beside it.
+
+Every export is checked: ONNX Runtime and PyTorch run the same real test images, the
+largest difference is printed, and past `--tolerance` nothing is written. The exporter
+is explicit: TorchScript (`torch.onnx.export(dynamo=False)`, opset 17) by default, the
+dynamo exporter on request; the choice is recorded in the metadata.
+
+`--int8` adds a statically quantized copy (see quantize.py) calibrated on the run's own
+training images, and reports test accuracy before and after."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import atomic, checkpoint
+from .config import check, default_cache_dir, option
+from .errors import ClipDistillError, ConfigError, MissingResourceError
+from .predict import METADATA_KEY, run_batches, session
+
+FORMAT = "clipdistill-onnx/1"
+EXPORTERS = ("torchscript", "dynamo")
+
+
+class ParityError(ClipDistillError):
+    """ONNX Runtime does not compute what PyTorch computes."""
+
+
+class AccuracyDropError(ClipDistillError):
+    """INT8 lost more accuracy than allowed."""
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    run: str = option("", "run folder written by `clipdistill train` (the student to export)", metavar="DIR")
+    out: str = option("", "ONNX file to write; default RUN/model.onnx (RUN/model-SIZEpx.onnx with --size), "
+                          "RUN/teacher.onnx with --teacher, or TEACHER.onnx without --run", metavar="FILE")
+    checkpoint: str = option("best", "which checkpoint of the run", choices=["best", "last"])
+    size: int = option(0, "input side in pixels; 0 = the size the student was trained at (a teacher: its own). "
+                          "CNN students are size-agnostic: --size 224 gives the study's setting")
+    teacher: str = option("", "export this open_clip model's image encoder instead of the student (ViT-B-32, "
+                              "tiny-shapes, ...); with --run, the run's head is folded on so it outputs class "
+                              "logits, else it outputs embeddings", metavar="NAME")
+    pretrained: Optional[str] = option(None, "teacher weights: open_clip tag, checkpoint file, or `random` (the "
+                                             "architecture with random weights: right for speed and memory, "
+                                             "never for accuracy)", metavar="TAG|PATH|random")
+    exporter: str = option("torchscript", "torchscript: torch.onnx.export(dynamo=False), the proven path; dynamo: "
+                                          "the torch.export-based exporter (opset >= 18)", choices=list(EXPORTERS))
+    opset: int = option(17, "ONNX opset version")
+    tolerance: float = option(1e-3, "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|)")
+    parity_images: int = option(16, "real test images run through both PyTorch and ONNX Runtime")
+    int8: bool = option(False, "also write an INT8 copy (ONNX Runtime static quantization, QDQ, per-channel int8 "
+                               "weights) next to OUT as *.int8.onnx, with test accuracy before and after")
+    int8_target: str = option("cpu", "cpu: uint8 activations, ONNX Runtime's fast CPU form; tensorrt: symmetric int8 "
+                                     "activations, what TensorRT requires (on a CPU, about fp32 speed)",
+                              choices=["cpu", "tensorrt"])
+    calib_images: int = option(256, "INT8: training images used to calibrate the activation ranges")
+    calib_method: str = option("minmax", "INT8: how ranges are picked from the calibration activations",
+                               choices=["minmax", "entropy", "percentile"])
+    eval_images: int = option(0, "INT8: test images for the accuracy before/after; 0 = the whole test split")
+    max_drop: float = option(1.0, "INT8: fail when test accuracy drops by more than this many points")
+    cache_dir: str = option("", "where datasets (and teachers) are cached; default: the run's", metavar="DIR")
+    threads: int = option(0, "ONNX Runtime threads for the checks; 0 = its default")
+
+    def __post_init__(self) -> None:
+        check(bool(self.run) or bool(self.teacher), "run",
+              "give the run folder of a student (--run runs/RUN) or a teacher (--teacher ViT-B-32)")
+        if self.run:
+            check(Path(self.run).is_dir(), "run", f"{self.run} is not a folder")
+            ck = Path(self.run) / "checkpoints" / f"{self.checkpoint}.pt"
+            check(ck.is_file(), "run", f"{ck} does not exist; is {self.run} a run made by `clipdistill train`, and "
+                                       f"has it finished an epoch?")
+        check(self.pretrained is None or bool(self.teacher), "pretrained", "only applies with --teacher")
+        check(self.size >= 0, "size", "must be >= 0 (0 = the trained size)")
+        check(7 <= self.opset <= 23, "opset", "must be between 7 and 23 (17 is the proven default)")
+        check(self.exporter != "dynamo" or self.opset >= 18, "opset", "the dynamo exporter needs opset 18 or more")
+        check(self.tolerance > 0, "tolerance", "must be > 0")
+        check(self.parity_images >= 1, "parity_images", "must be >= 1")
+        check(not (self.int8 and self.teacher), "int8",
+              "quantizes students only (calibrated on the run's training images); export the teacher without it")
+        check(self.calib_images >= 1, "calib_images", "must be >= 1")
+        check(self.eval_images >= 0, "eval_images", "must be >= 0 (0 = all)")
+        check(self.max_drop >= 0, "max_drop", "must be >= 0")
+        check(self.threads >= 0, "threads", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- modules
+
+class _ImageEncoder(nn.Module):
+    """open_clip's `encode_image` as a module: raw (un-normalised) embeddings, as cached."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(x)
+
+
+class Deployable(nn.Module):
+    """What the ONNX file computes: normalised pixels -> encoder -> (head) -> output."""
+
+    def __init__(self, encoder: nn.Module, head: Optional[nn.Module] = None):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.encoder(x)
+        return self.head(y) if self.head is not None else y
+
+
+def _head_spec(th: dict, num_classes: int, dim: int) -> dict:
+    spec = {"kind": th["kind"], "classes": int(num_classes), "dim": int(dim)}
+    if th["kind"] == "text":
+        spec["logit_scale"] = float(th["logit_scale"])
+    return spec
+
+
+def make_head(spec: Optional[dict], state_dict: Optional[dict] = None) -> Optional[nn.Module]:
+    """A teacher head from its spec; random when no weights are given (for speed twins)."""
+    from .heads import TextHead
+
+    if not spec:
+        return None
+    if spec["kind"] == "text":
+        text = state_dict["text"] if state_dict is not None else torch.randn(spec["classes"], spec["dim"])
+        return TextHead(text, spec["logit_scale"]).eval()
+    if spec["kind"] == "linear":
+        head = nn.Linear(spec["dim"], spec["classes"])
+        if state_dict is not None:
+            head.load_state_dict(state_dict)
+        return head.eval()
+    raise ConfigError(f"unknown head kind {spec['kind']!r} in the checkpoint; expected text or linear")
+
+
+def build_module(arch: dict) -> nn.Module:
+    """The exported architecture with random weights: the same speed and memory as the
+    trained one, which is all `bench --backend torch` needs (it holds no checkpoint)."""
+    if arch["kind"] == "timm":
+        from .students import create_student
+
+        enc = create_student(arch["name"], arch["out_dim"])
+    elif arch["kind"] == "open_clip":
+        import open_clip
+
+        from .teacher.tiny import register_model_configs
+
+        register_model_configs()
+        enc = _ImageEncoder(open_clip.create_model(arch["name"], pretrained=None))
+    else:
+        raise ConfigError(f"unknown architecture kind {arch['kind']!r}")
+    return Deployable(enc, make_head(arch.get("head"))).eval()
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model ready to export, with everything the metadata will say about it."""
+
+    module: nn.Module
+    info: dict  # role, name, arch, output, classes, input spec, ...
+
+
+def _student_input(size: int, mean: float, std: float) -> dict:
+    return {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": "RGB", "size": int(size),
+            "scale": "pixels / 255, then (x - mean) / std", "mean": [float(mean)] * 3, "std": [float(std)] * 3,
+            "resize": "stretch", "interpolation": "bilinear"}
+
+
+def load_student(run: str | Path, which: str = "best", size: int = 0) -> tuple[Loaded, dict]:
+    """(the student with its head folded in, the raw checkpoint)."""
+    from .students import create_student
+
+    path = Path(run) / "checkpoints" / f"{which}.pt"
+    state = checkpoint.load(path)
+    if state is None:
+        raise MissingResourceError(f"{path} does not exist; train the run first")
+    cfg = state["config"]
+    output, n_cls, dim = state["output"], int(state["num_classes"]), int(state["embed_dim"])
+    out_dim = n_cls if output == "logits" else dim
+    student = create_student(cfg["student"], out_dim)
+    student.load_state_dict(state["model"])
+    head_spec, head = None, None
+    if output == "embedding":
+        th = state["teacher_head"]
+        head_spec = _head_spec(th, n_cls, dim)
+        head = make_head(head_spec, th["state_dict"])
+    elif output != "logits":
+        raise ConfigError(f"{path}: unknown student output {output!r}")
+    trained = int(state["size"])
+    side = size or trained
+    result_path = Path(run) / "result.json"
+    result = atomic.read_json(result_path) if result_path.exists() else {}
+    info = {
+        "role": "student", "name": cfg["student"], "output": "logits", "student_output": output,
+        "head": head_spec["kind"] if head_spec else "none",
+        "arch": {"kind": "timm", "name": cfg["student"], "out_dim": out_dim, "head": head_spec},
+        "num_classes": n_cls, "embed_dim": dim, "classes": list(state["classes"]),
+        "prompts": list(state.get("prompts") or []), "teacher": state.get("teacher"),
+        "method": state.get("method"), "dataset": cfg.get("dataset"), "trained_size": trained,
+        "input": _student_input(side, cfg["student_mean"], cfg["student_std"]),
+        "accuracy": {k: result[k] for k in ("test_accuracy", "teacher_agreement", "teacher_test_accuracy", "n_test")
+                     if k in result} | ({"source": "result.json (PyTorch, best checkpoint)"} if result else {}),
+        "source": {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": which, "epoch": state.get("epoch")},
+    }
+    return Loaded(Deployable(student, head).eval(), info), state
+
+
+def _clip_input(preprocess, size: int) -> dict:
+    """Side, mean/std and resize rule read from open_clip's own transform."""
+    spec = {"name": "input", "layout": "NCHW", "dtype": "float32", "channels": "RGB", "size": int(size),
+            "scale": "pixels / 255, then (x - mean) / std", "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711], "resize": "stretch", "interpolation": "bicubic"}
+    crop = False
+    for t in getattr(preprocess, "transforms", []):
+        kind = type(t).__name__
+        if kind == "Normalize":
+            spec["mean"], spec["std"] = [float(v) for v in t.mean], [float(v) for v in t.std]
+        elif kind == "Resize":
+            spec["interpolation"] = str(getattr(t.interpolation, "value", t.interpolation)).lower()
+        elif kind == "CenterCrop":
+            crop = True
+    if crop:
+        spec["resize"] = "shortest-center-crop"
+    return spec
+
+
+def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, run_state: Optional[dict] = None
+                         ) -> Loaded:
+    """The teacher's image encoder (plus the run's head when a run is given)."""
+    import open_clip
+
+    from .teacher.tiny import register_model_configs
+
+    register_model_configs()
+    if pretrained == "random":
+        if name not in open_clip.list_models():
+            raise ConfigError(f"--teacher {name!r} is not an open_clip model")
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        fingerprint = {"model": name, "weights": "random (architecture only: speed and memory, not accuracy)",
+                       "preprocess": repr(preprocess), "precision": "fp32"}
+    else:
+        from .teacher.openclip_teacher import create_teacher
+
+        t = create_teacher(name, pretrained, device="cpu", precision="fp32", cache_dir=cache_dir)
+        model, preprocess, fingerprint = t.model, t.preprocess, t.fingerprint()
+    model = model.float().eval()
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    head_spec, head, info = None, None, {}
+    if run_state is not None:
+        run_teacher = (run_state.get("teacher") or {}).get("model")
+        if run_teacher != name:
+            raise ConfigError(f"--teacher {name}: the run was distilled from {run_teacher}; its head only fits that "
+                              f"teacher's embeddings (export {run_teacher}, or leave --run out for embeddings)")
+        th = run_state["teacher_head"]
+        head_spec = _head_spec(th, run_state["num_classes"], run_state["embed_dim"])
+        head = make_head(head_spec, th["state_dict"])
+        info = {"classes": list(run_state["classes"]), "prompts": list(run_state.get("prompts") or []),
+                "num_classes": int(run_state["num_classes"]), "dataset": run_state["config"].get("dataset")}
+    return Loaded(Deployable(_ImageEncoder(model), head).eval(), {
+        "role": "teacher", "name": name, "output": "logits" if head is not None else "embedding",
+        "head": head_spec["kind"] if head_spec else "none",
+        "arch": {"kind": "open_clip", "name": name, "head": head_spec},
+        "teacher": fingerprint, "embed_dim": int(getattr(model.visual, "output_dim", 0) or 0) or None,
+        "trained_size": size, "input": _clip_input(preprocess, size),
+        "source": {"kind": "open_clip", "name": name, "pretrained": pretrained}, **info})
+
+
+# ----------------------------------------------------------------------------- data
+
+def _data_root(cfg: dict, cache_dir: str) -> str:
+    from .data.datasets import default_data_root
+
+    if cfg.get("data_root"):
+        return cfg["data_root"]
+    return default_data_root(cache_dir or cfg.get("cache_dir") or default_cache_dir())
+
+
+def _split(cfg: dict, split: str, cache_dir: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images N,H,W,3 at the run's native size, labels) of one split of the run's dataset."""
+    from .data.datasets import create_dataset
+    from .train_data import images_of
+
+    ds = create_dataset(cfg["dataset"], split, _data_root(cfg, cache_dir), image_size=cfg.get("image_size", 32))
+    return images_of(ds, size, progress=False), np.asarray(ds.targets, dtype=np.int64)
+
+
+def _shapes10_test(n: int, size: int) -> np.ndarray:
+    """Real (rendered) images for a check when the run's own data is not on this machine."""
+    from .data.shapes10 import SPLITS, generate
+
+    return generate("test", n, size, SPLITS["test"].seed)[0]
+
+
+def _student_pixels(images_u8: np.ndarray, info: dict) -> np.ndarray:
+    from .students import prepare_images
+
+    spec = info["input"]
+    with torch.no_grad():
+        x = prepare_images(torch.from_numpy(np.ascontiguousarray(images_u8)), spec["size"], spec["mean"][0],
+                           spec["std"][0])
+    return x.numpy()
+
+
+def _teacher_pixels(images_u8: np.ndarray, preprocess_spec: dict) -> np.ndarray:
+    """The teacher's own pipeline, in the form `predict` replays (PIL resize + crop)."""
+    from PIL import Image
+
+    from .predict import preprocess
+
+    return np.stack([preprocess(Image.fromarray(im), preprocess_spec) for im in images_u8])
+
+
+def parity_inputs(loaded: Loaded, run_cfg: Optional[dict], n: int, cache_dir: str, log) -> tuple[np.ndarray, str]:
+    """`n` real test images, prepared as the model expects, and where they came from."""
+    images, where = None, ""
+    if run_cfg is not None:
+        try:
+            test, _ = _split(run_cfg, "test", cache_dir, loaded.info.get("trained_size"))
+            images, where = test[:n], f"{run_cfg['dataset']} test"
+        except (MissingResourceError, ConfigError, OSError) as e:
+            log(f"warning: the run's test images are not available here ({e}); checking parity on shapes10 images")
+    if images is None:
+        images, where = _shapes10_test(n, 96), "shapes10 test (rendered)"
+    if loaded.info["role"] == "student":
+        return _student_pixels(images, loaded.info), where
+    return _teacher_pixels(images, loaded.info["input"]), where
+
+
+# ----------------------------------------------------------------------------- ONNX
+
+def _torch_to_onnx(module: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int) -> dict:
+    names = {"input_names": ["input"], "output_names": ["output"],
+             "dynamic_axes": {"input": {0: "batch"}, "output": {0: "batch"}}}
+    t0 = time.time()
+    # nn.MultiheadAttention's inference fast path (a fused op, taken under no_grad) has no
+    # ONNX form; the plain path computes the same thing.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        _export_call(module, example, path, exporter, opset, names)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return {"name": exporter, "call": f"torch.onnx.export(dynamo={exporter == 'dynamo'}, opset_version={opset})",
+            "opset": opset, "torch": torch.__version__, "seconds": round(time.time() - t0, 2)}
+
+
+def _export_call(module: nn.Module, example: torch.Tensor, path: Path, exporter: str, opset: int, names: dict):
+    with warnings.catch_warnings():
+        # The exporter was chosen on purpose (recorded in the metadata); its deprecation and
+        # tracer chatter would only bury the parity line that tells whether it worked.
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                              do_constant_folding=True, **names)
+        else:
+            import contextlib
+
+            # It reports its progress with print(): keep stdout for the command's own output (--json).
+            with contextlib.redirect_stdout(sys.stderr):
+                prog = torch.onnx.export(module, (example,), None, dynamo=True, opset_version=opset, verbose=False,
+                                         **names)
+                prog.save(str(path))
+
+
+def check_parity(reference: np.ndarray, got: np.ndarray, tolerance: float, what: str = "") -> dict:
+    """Raise ParityError when ONNX Runtime's output is not PyTorch's (NaN included)."""
+    diff = float(np.max(np.abs(reference.astype(np.float64) - got.astype(np.float64))))
+    scale = max(1.0, float(np.max(np.abs(reference))))
+    info = {"max_abs_diff": diff, "tolerance": tolerance * scale, "images": int(len(reference)),
+            "top1_agreement": float((reference.argmax(1) == got.argmax(1)).mean() * 100) if reference.ndim == 2
+            else None}
+    if not diff <= tolerance * scale:
+        raise ParityError(f"ONNX Runtime and PyTorch differ by up to {diff:.3g} on {len(reference)} images{what} "
+                          f"(allowed: {tolerance * scale:.3g} = --tolerance {tolerance} x max(1, max |output| "
+                          f"{scale:.3g})); nothing was written. Try the other --exporter (torchscript, dynamo) "
+                          f"or another --opset.")
+    return info
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    return Path(onnx_path).with_suffix(".json")
+
+
+def _write(model_path: Path, out: Path, info: dict) -> None:
+    """Metadata in, then the file and its sidecar, each written atomically."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    flat = {METADATA_KEY: json.dumps(info, default=str), "format": FORMAT, "role": info["role"],
+            "output": info["output"], "precision": info["precision"], "image_size": str(info["input"]["size"]),
+            "mean": json.dumps(info["input"]["mean"]), "std": json.dumps(info["input"]["std"]),
+            "resize": info["input"]["resize"], "exporter": info["exporter"]["call"],
+            "opset": str(info["exporter"]["opset"])}
+    if "classes" in info:
+        flat["classes"] = json.dumps(info["classes"])
+    keep = [p for p in model.metadata_props if p.key not in flat]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in flat.items():
+        model.metadata_props.add(key=k, value=v)
+    model.doc_string = f"clipdistill {info['role']} {info['name']} ({info['precision']}): {info['output']} out"
+    atomic.write_bytes(out, model.SerializeToString())
+    atomic.write_json(sidecar_path(out), info)
+
+
+def int8_path(out: Path, target: str) -> Path:
+    return out.with_name(out.stem + (".int8.onnx" if target == "cpu" else f".int8-{target}.onnx"))
+
+
+def _subset(n_total: int, n: int, seed: int) -> np.ndarray:
+    if n <= 0 or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).permutation(n_total)[:n])
+
+
+def calibration_images(run_cfg: dict, info: dict, n: int, cache_dir: str, seed: int = 0) -> np.ndarray:
+    """`n` images drawn (seeded) from the splits the student was trained on, prepared."""
+    parts = []
+    for split in run_cfg.get("data") or ["train"]:
+        imgs, _ = _split(run_cfg, split, cache_dir, info["trained_size"])
+        parts.append(imgs)
+    counts = np.array([len(p) for p in parts])
+    pick = _subset(int(counts.sum()), n, seed)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    chosen = [parts[k][pick[(pick >= offsets[k]) & (pick < offsets[k + 1])] - offsets[k]] for k in range(len(parts))]
+    return _student_pixels(np.concatenate(chosen), info)
+
+
+def onnx_accuracy(sess, x: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """(top-1 accuracy in percent over labelled rows, predictions)."""
+    pred = run_batches(sess, x, 64).argmax(1)
+    keep = labels >= 0
+    return (float((pred[keep] == labels[keep]).mean() * 100) if keep.any() else float("nan")), pred
+
+
+# ----------------------------------------------------------------------------- the job
+
+def default_out(cfg: ExportConfig, loaded: Loaded) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.run:
+        if cfg.teacher:
+            return Path(cfg.run) / "teacher.onnx"
+        size = loaded.info["input"]["size"]
+        return Path(cfg.run) / ("model.onnx" if size == loaded.info["trained_size"] else f"model-{size}px.onnx")
+    return Path(f"{cfg.teacher}{'-random' if cfg.pretrained == 'random' else ''}.onnx")
+
+
+def export(cfg: ExportConfig, log=print) -> dict:
+    """Write the ONNX file (and, with int8, its quantized copy); return what was done."""
+    state = None
+    run_cfg = None
+    if cfg.run:
+        loaded, state = load_student(cfg.run, cfg.checkpoint, cfg.size)
+        run_cfg = state["config"]
+    if cfg.teacher:
+        cache = cfg.cache_dir or (run_cfg or {}).get("cache_dir") or default_cache_dir()
+        loaded = load_teacher_encoder(cfg.teacher, cfg.pretrained, cache, state)
+        if cfg.size and cfg.size != loaded.info["trained_size"]:
+            raise ConfigError(f"--size {cfg.size}: {cfg.teacher} takes {loaded.info['trained_size']} px only "
+                              f"(its position embeddings are fixed); leave --size out")
+    out = default_out(cfg, loaded)
+    info = loaded.info
+    size = info["input"]["size"]
+    x, where = parity_inputs(loaded, run_cfg, cfg.parity_images, cfg.cache_dir, log)
+    with torch.no_grad():
+        reference = loaded.module(torch.from_numpy(x)).numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = {"path": str(out), "sidecar": str(sidecar_path(out))}
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
+        tmp_path = Path(tmp) / "model.onnx"
+        exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, cfg.exporter, cfg.opset)
+        sess = session(tmp_path, cfg.threads)
+        got = run_batches(sess, x, len(x))
+        parity = check_parity(reference, got, cfg.tolerance, f" ({cfg.exporter} exporter, opset {cfg.opset})")
+        # The batch axis must really be free: one image alone gives the same numbers.
+        check_parity(reference[:1], run_batches(sess, x[:1], 1), cfg.tolerance, " at batch 1")
+        parity.update({"inputs": where, "batch_sizes": [int(len(x)), 1], "backend": "onnxruntime CPU"})
+        info = {**info, "format": FORMAT, "precision": "fp32", "exporter": exp, "parity": parity,
+                "onnxruntime": __import__("onnxruntime").__version__}
+        log(f"parity: max abs diff {parity['max_abs_diff']:.3g} over {parity['images']} {where} images "
+            f"(tolerance {parity['tolerance']:.3g}), top-1 agreement {parity['top1_agreement']:.1f}%")
+        if cfg.int8:
+            result["int8"] = _int8(cfg, run_cfg, info, tmp_path, sess, out, log)
+        _write(tmp_path, out, info)
+    log(f"wrote {out} ({info['role']} {info['name']}, {size} px, {info['output']} "
+        f"{info.get('num_classes', info.get('embed_dim'))}; {exp['call']}) and {sidecar_path(out).name}")
+    result.update({"parity": parity, "info": info})
+    if result.get("int8") and result["int8"]["accuracy_drop"] > cfg.max_drop:
+        q = result["int8"]
+        raise AccuracyDropError(
+            f"INT8 lost {q['accuracy_drop']:.2f} points of test accuracy ({q['accuracy_fp32']:.2f}% -> "
+            f"{q['accuracy_int8']:.2f}%), more than --max-drop {cfg.max_drop}; {q['path']} was written for "
+            f"inspection. Try more --calib-images, --calib-method percentile or entropy.")
+    return result
+
+
+def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_sess, out: Path, log) -> dict:
+    from .quantize import quantize_int8
+
+    q_out = int8_path(out, cfg.int8_target)
+    calib = calibration_images(run_cfg, info, cfg.calib_images, cfg.cache_dir)
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
+        q_tmp = Path(tmp) / "model.int8.onnx"
+        log(f"int8 ({cfg.int8_target}): calibrating on {len(calib)} training images ({cfg.calib_method})")
+        qinfo = quantize_int8(fp32_path, q_tmp, calib, cfg.int8_target, cfg.calib_method)
+        test, labels = _split(run_cfg, "test", cfg.cache_dir, info["trained_size"])
+        pick = _subset(len(test), cfg.eval_images, seed=0)
+        x = _student_pixels(test[pick], info)
+        t0 = time.time()
+        acc32, p32 = onnx_accuracy(fp32_sess, x, labels[pick])
+        acc8, p8 = onnx_accuracy(session(q_tmp, cfg.threads), x, labels[pick])
+        drop = acc32 - acc8
+        q = {"path": str(q_out), "target": cfg.int8_target, "accuracy_fp32": acc32, "accuracy_int8": acc8,
+             "accuracy_drop": drop, "agreement_with_fp32": float((p32 == p8).mean() * 100),
+             "eval_images": int(len(pick)), "eval_split": f"{run_cfg['dataset']} test", "max_drop": cfg.max_drop,
+             "within_bound": bool(drop <= cfg.max_drop), **qinfo}
+        log(f"int8 ({cfg.int8_target}): test accuracy {acc32:.2f}% (fp32 ONNX) -> {acc8:.2f}% (int8), "
+            f"{-drop:+.2f} points on {len(pick)} images (bound: -{cfg.max_drop}), top-1 agreement "
+            f"{q['agreement_with_fp32']:.1f}% [{time.time() - t0:.1f} s]")
+        q_info = {**info, "precision": "int8", "quantization": q, "fp32_model": out.name,
+                  "accuracy": {**info.get("accuracy", {}), "onnx_fp32_test_accuracy": acc32,
+                               "onnx_int8_test_accuracy": acc8, "eval_images": int(len(pick))}}
+        _write(q_tmp, q_out, q_info)
+    info["int8_model"] = q_out.name
+    info["accuracy"] = {**info.get("accuracy", {}), "onnx_fp32_test_accuracy": acc32, "eval_images": int(len(pick))}
+    log(f"wrote {q_out} and {sidecar_path(q_out).name}")
+    return q
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def cli_args(p) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+def run_cli(cfg: ExportConfig, args) -> int:
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    res = export(cfg, log=log)
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str))
+    return 0

@@ -1,0 +1,204 @@
+"""`clipdistill predict --model model.onnx IMAGE_OR_FOLDER ...`: top-k classes per image.
+
+This is what runs on the edge device, so at run time it needs only ONNX Runtime, numpy
+and Pillow (no torch, no timm, no open_clip): everything it must know — input size,
+normalisation, resize rule, class names — travels inside the ONNX file's metadata,
+written by `clipdistill export`. Folders are read in batches; a file that cannot be
+decoded is skipped with a warning naming it, and the rest are still answered.
+
+The preprocessing mirrors training: students see the image stretched to size x size
+(bilinear, antialiased: `students.prepare_images`), CLIP teachers the shortest side
+resized (bicubic) then a centre crop (open_clip's transform)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .config import check, option
+from .errors import ConfigError, MissingResourceError
+
+METADATA_KEY = "clipdistill"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    model: str = option("", "ONNX file written by `clipdistill export`", metavar="FILE")
+    top_k: int = option(5, "classes shown per image")
+    batch_size: int = option(32, "images per ONNX Runtime call")
+    threads: int = option(0, "ONNX Runtime intra-op threads; 0 = its default (the physical cores)")
+    provider: str = option("auto", "ONNX Runtime execution provider; auto = CUDA when installed, else CPU",
+                           choices=["auto", *PROVIDERS])
+
+    def __post_init__(self) -> None:
+        check(bool(self.model), "model", "give the ONNX file, e.g. --model runs/RUN/model.onnx")
+        check(Path(self.model).is_file(), "model", f"{self.model} is not a file; write one with `clipdistill export`")
+        check(self.top_k >= 1, "top_k", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.threads >= 0, "threads", "must be >= 0 (0 = ONNX Runtime's default)")
+
+
+# ----------------------------------------------------------------------------- sessions
+
+def session(path: str | os.PathLike | bytes, threads: int = 0, provider: str = "cpu"):
+    """An ONNX Runtime session on one provider (CPU is always added as the fallback)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if provider == "auto":
+        provider = "cuda" if PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"
+    name = PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise ConfigError(f"--provider {provider}: onnxruntime {ort.__version__} here has no {name} "
+                          f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
+                          f"or use --provider cpu")
+    providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
+
+
+def read_metadata(sess) -> dict:
+    """The export's description of the model (input spec, classes, ...), or {} for a
+    foreign ONNX file."""
+    meta = sess.get_modelmeta().custom_metadata_map
+    if METADATA_KEY in meta:
+        return json.loads(meta[METADATA_KEY])
+    return {}
+
+
+def run_batches(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+# ----------------------------------------------------------------------------- pixels
+
+def load_image(path: str | os.PathLike):
+    """A fully decoded RGB PIL image; raises OSError/ValueError/SyntaxError when unreadable."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # decode now: a truncated file fails here, not later in the batch
+        return im.convert("RGB")
+
+
+def preprocess(img, spec: dict) -> np.ndarray:
+    """RGB PIL image -> float32 (3, S, S), as the model's metadata says."""
+    from PIL import Image
+
+    size = int(spec["size"])
+    interp = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[
+        spec.get("interpolation", "bilinear")]
+    if spec.get("resize", "stretch") == "shortest-center-crop":
+        w, h = img.size
+        # torchvision's Resize(int): the short side becomes `size`, the long side is truncated.
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), interp)
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    elif img.size != (size, size):
+        img = img.resize((size, size), interp)
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    mean = np.asarray(spec["mean"], dtype=np.float32)
+    std = np.asarray(spec["std"], dtype=np.float32)
+    return ((x - mean) / std).transpose(2, 0, 1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# ----------------------------------------------------------------------------- files
+
+def list_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
+    """Files named, and every visible file under folders named (sorted, recursive).
+    Non-images are not filtered by extension: they are found out when read, and reported."""
+    files, missing = [], []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.is_file() and
+                            not any(part.startswith(".") for part in q.relative_to(p).parts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            missing.append({"path": str(p), "error": "no such file or folder"})
+    return files, missing
+
+
+def _decoded(files: Iterable[Path], spec: dict, skipped: list[dict], warn) -> Iterator[tuple[Path, np.ndarray]]:
+    for f in files:
+        try:
+            yield f, preprocess(load_image(f), spec)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image I can read"
+            msg = str(e) or type(e).__name__
+            skipped.append({"path": str(f), "error": msg})
+            warn(f"warning: skipped {f}: {msg}")
+
+
+def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32, threads: int = 0,
+            provider: str = "auto", warn=None) -> dict:
+    """{"model", "classes", "results": [{"path", "top": [{"class", "prob"}]}], "skipped": [...]}."""
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    sess = session(model, threads, provider)
+    meta = read_metadata(sess)
+    if not meta:
+        raise ConfigError(f"--model {model}: no clipdistill metadata (input size, normalisation, classes); "
+                          f"export it with `clipdistill export`")
+    if meta.get("output") != "logits":
+        raise ConfigError(f"--model {model} outputs {meta.get('output')} vectors, not class logits; export a "
+                          f"teacher together with a run (`clipdistill export --teacher NAME --run DIR`) to fold "
+                          f"the run's head on")
+    classes = meta["classes"]
+    k = min(top_k, len(classes))
+    files, skipped = list_images(inputs)
+    for s in skipped:
+        warn(f"warning: skipped {s['path']}: {s['error']}")
+    name = sess.get_inputs()[0].name
+    results = []
+    stream = _decoded(files, meta["input"], skipped, warn)
+    while True:
+        chunk = [item for _, item in zip(range(batch_size), stream)]
+        if not chunk:
+            break
+        x = np.stack([a for _, a in chunk])
+        probs = softmax(sess.run(None, {name: x})[0].astype(np.float64))
+        for (path, _), p in zip(chunk, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            results.append({"path": str(path), "top": [{"class": classes[i], "prob": float(p[i])} for i in order]})
+    if not results:
+        raise MissingResourceError("no readable image among " + ", ".join(map(str, inputs)) +
+                                   (f" ({len(skipped)} skipped)" if skipped else ""))
+    return {"model": str(model), "classes": classes, "results": results, "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def cli_args(p) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+def run_cli(cfg: PredictConfig, args) -> int:
+    res = predict(cfg.model, args.inputs, cfg.top_k, cfg.batch_size, cfg.threads, cfg.provider)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    for r in res["results"]:
+        print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+    print(f"{len(res['results'])} images" + (f", {len(res['skipped'])} skipped (see warnings)" if res["skipped"]
+                                            else ""), file=sys.stderr)
+    return 0
