@@ -77,3 +77,16 @@ def test_stl10_missing_says_where_to_put_it(tmp_path, random_teacher_file):
     assert time.time() - t0 < 30
     assert proc.returncode == 1
     assert "stl10_binary" in proc.stderr and "--data-root" in proc.stderr
+
+
+def test_teacher_eval_of_the_tiny_teacher_meets_the_bar(tmp_path, cache_dir, trained_teacher_file):
+    """Acceptance: zero-shot >= 85% on shapes10 test, and a linear probe at least as good."""
+    import json
+
+    proc = run_cli("teacher-eval", "--teacher", "tiny-shapes", "--dataset", "shapes10", "--pretrained",
+                   str(trained_teacher_file), "--cache-dir", str(cache_dir), "--out", str(tmp_path), "--json",
+                   "--no-progress")
+    res = json.loads(proc.stdout)
+    assert res["zero_shot_accuracy"] >= 85.0, res
+    assert res["linear_probe_accuracy"] >= res["zero_shot_accuracy"], res
+    assert res["n_test"] == 2000 and (tmp_path / "teacher_eval.json").exists()

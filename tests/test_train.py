@@ -31,7 +31,8 @@ def _quiet(*a, **k):
 def test_every_method_trains_and_beats_chance(tmp_path, cache_dir, trained_teacher_file, method, head):
     res = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method=method, head=head,
                                            data=["train"], out=str(tmp_path / "run"))), log=_quiet)
-    assert res["test_accuracy"] > 20.0, res  # chance is 10%
+    # chance is 10% (2,000 test images: one standard deviation is 0.7 points)
+    assert res["test_accuracy"] > 13.0, res
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["test_accuracy"] == res["test_accuracy"] and "teacher_agreement" in saved
     assert (tmp_path / "run" / "config.json").exists()

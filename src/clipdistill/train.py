@@ -59,7 +59,7 @@ class TrainConfig(TeacherOptions, DataOptions):
     channels_last: bool = option(True, "channels-last memory format (faster convolutions on CPU and tensor cores)")
     val_fraction: float = option(0.1, "fraction of the labelled train split held out to pick `best`")
     probe_epochs: int = option(15, "linear head: probe epochs (as teacher-eval)")
-    probe_lr: float = option(3e-4, "linear head: probe learning rate (as teacher-eval)")
+    probe_lr: float = option(3e-3, "linear head: probe learning rate (as teacher-eval)")
     probe_batch_size: int = option(64, "linear head: probe batch size (as teacher-eval)")
     seed: int = option(0, "random seed (data order, init, augmentation)")
     out: str = option("", "run folder; default runs/DATASET-STUDENT-METHOD-HEAD-DATA", metavar="DIR")
