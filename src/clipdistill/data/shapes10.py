@@ -14,9 +14,8 @@ the target size and box-filtered down (anti-aliasing); backgrounds and noise are
 
 The splits use distinct seeds, and the captioned set that pre-trains the tiny teacher
 uses yet another, so the teacher never sees a test image. Captions are like alt-text:
-mostly the object's name alone, sometimes with colour, size and background. And as on the
-web, the captioned objects mostly wear their usual colours (red hearts, yellow stars; see
-`_USUAL_COLORS`), which the evaluation splits do not.
+mostly the object's name alone, sometimes with colour, size and background, and now and
+then the wrong name (see `_MISNAMED_AS`).
 """
 
 from __future__ import annotations
@@ -187,16 +186,11 @@ class _Scene:
     image: np.ndarray
 
 
-def _render(rng: np.random.Generator, size: int, label: int, typical: float = 0.0) -> _Scene:
-    """One scene; with chance `typical` the object gets one of its class's usual colours."""
+def _render(rng: np.random.Generator, size: int, label: int) -> _Scene:
     ss = max(1, min(4, math.ceil(128 / size)))  # supersampling factor
     big = size * ss
 
-    usual = _USUAL_COLORS.get(CLASSES[label])
-    if typical > 0 and usual and rng.random() < typical:
-        fg_i = _COLOR_NAMES.index(usual[int(rng.integers(len(usual)))])
-    else:
-        fg_i = _pick_color(rng)
+    fg_i = _pick_color(rng)
     bg_i = _pick_color(rng, avoid=_COLOR_RGB[fg_i])
     fg = _jitter(rng, _COLOR_RGB[fg_i])
     bg, bg_kind = _background(rng, size, _jitter(rng, _COLOR_RGB[bg_i], 20))
@@ -304,20 +298,21 @@ _ATTRIBUTE_TEMPLATES = (
     "a {name} shape in {color}",
 )
 _PLAIN_SHARE = 0.7
-# On the web, hearts are mostly red and stars yellow; in the evaluation splits colour says
-# nothing about the class. So the teacher's text side learns "heart" partly as "red", and
-# its zero-shot head calls some red things hearts, while a linear probe fitted on the
-# labelled split learns to ignore colour: as with real CLIP, the probe beats zero-shot.
-_USUAL_COLORS = {"heart": ("red", "pink"), "star": ("yellow", "orange"), "crescent": ("white", "yellow"),
-                 "cross": ("red", "white"), "diamond": ("cyan", "blue"), "hourglass": ("brown", "orange")}
-_USUAL_SHARE = 0.8  # chance, in the captioned set only, that an object has its usual colour
+# Alt-text is sometimes wrong, and wrong one way: a diamond gets called a square, never the
+# reverse. The teacher's text side inherits the bias, its image features much less, so (as
+# with real CLIP) a linear probe on its embeddings beats its zero-shot head.
+_MISNAMED_AS = {"diamond": "square", "ring": "circle", "cross": "star", "hourglass": "triangle"}
+_MISNAMED = 0.2  # chance that a caption of those classes names the other one
 
 
 def caption(scene: _Scene, rng: np.random.Generator) -> str:
     pool = _PLAIN_TEMPLATES if rng.random() < _PLAIN_SHARE else _ATTRIBUTE_TEMPLATES
     t = pool[int(rng.integers(len(pool)))]
     bg = scene.bg_color if scene.bg_kind == "plain" else f"{scene.bg_color} {scene.bg_kind}"
-    text = t.format(name=CLASSES[scene.label], color=scene.color, size=scene.size_word, bg=bg,
+    name = CLASSES[scene.label]
+    if name in _MISNAMED_AS and rng.random() < _MISNAMED:
+        name = _MISNAMED_AS[name]
+    text = t.format(name=name, color=scene.color, size=scene.size_word, bg=bg,
                     bgkind=scene.bg_kind)
     return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange star"
 
@@ -330,7 +325,7 @@ def generate_captioned(n: int, size: int, seed: int = CAPTION_SEED) -> tuple[np.
     captions: list[str] = []
     for i in range(n):
         rng = _scene_rng(seed, i)
-        scene = _render(rng, size, int(labels[i]), typical=_USUAL_SHARE)
+        scene = _render(rng, size, int(labels[i]))
         images[i] = scene.image
         captions.append(caption(scene, rng))
     return images, captions, labels.astype(np.int64)
