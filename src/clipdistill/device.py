@@ -1,4 +1,4 @@
-"""Device and precision resolution in one place, so no module calls `.cuda()`."""
+"""Device and precision resolution in one place, so no module hard-codes a CUDA device."""
 
 from __future__ import annotations
 
