@@ -63,7 +63,7 @@ class TinyTeacherConfig:
     """How to pre-train `tiny-shapes`. Every field enters the cache name's hash."""
 
     size: int = 32  # image side, pixels; the model config's image_size is overridden if different
-    steps: int = 1200
+    steps: int = 1400
     batch_size: int = 128
     lr: float = 5e-3
     weight_decay: float = 0.1
