@@ -104,6 +104,10 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     run = _student_run(args, work)
+    run_cfg = json.loads((run / "config.json").read_text())
+    args.student = run_cfg["student"]  # --run: the architecture that run trained
+    how = ("trained from shapes10 labels" if run_cfg["method"] == "labels" else
+           f"distilled with {run_cfg['method']} ({run_cfg['head']} head) on {'+'.join(run_cfg['data'])}")
     exports: dict = {}
     # The teacher: image encoder only (a classifier head adds one small matmul).
     teacher = work / f"{args.teacher}-random.onnx"
@@ -146,7 +150,7 @@ def main(argv=None) -> int:
           f"before the model was loaded (glibc's mmap threshold pinned, so freed buffers are returned). Threads: {args.threads or 'ONNX Runtime default'}.",
           "",
           f"Teacher: {args.teacher} image encoder, **random weights** (speed and memory only), fp32. "
-          f"Student: {args.student} trained from shapes10 labels at 32 px ({run.name}); INT8 = ONNX Runtime "
+          f"Student: {args.student} {how} at 32 px ({run}); INT8 = ONNX Runtime "
           f"static quantization, QDQ, per-channel int8 weights, calibrated on 256 training images; `*.int8.onnx` "
           f"has uint8 activations (the `cpu` target), `*.int8-tensorrt.onnx` symmetric int8 activations (the "
           f"form TensorRT requires; on a CPU it runs at about fp32 speed).",
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
     md += ["", "The study (TensorRT FP16 on a Jetson Orin Nano): resnet18 4.2x the ViT-B-32 encoder's throughput "
                "and 3.45x less memory.", "", f"Took {time.time() - t0:.0f} s. Reproduce: "
                f"`python benchmarks/bench_teacher_vs_student.py" + (f" --threads {args.threads}" if args.threads
-                                                                      else "") + "`."]
+                                                                      else "") +
+               (f" --run {args.run} --out {args.out}" if args.run else "") + "`."]
     text = "\n".join(md) + "\n"
     Path(args.out + ".md").write_text(text, encoding="utf-8")
     Path(args.out + ".json").write_text(json.dumps({"records": rows, "ratios": res["ratios"], "int8_accuracy": acc,

@@ -39,6 +39,16 @@ def test_the_study_rows_are_all_there_with_their_published_figures():
     assert (stl.epochs, stl.lr, stl.batch_size, stl.schedule) == (50, 3e-4, 64, "constant")
 
 
+def test_shapes10_suite_swaps_students_and_equalises_compute():
+    # The study's rows keep their names; shapes10 trains deep-stem students and more epochs on 1,000 images.
+    assert build_config("stl10", "resnet34_linear_train_unlabeled").student == "resnet34"
+    assert build_config("shapes10", "resnet34_linear_train_unlabeled").student == "resnet14t"
+    scratch, unl = build_config("shapes10", "resnet18_from_scratch"), build_config("shapes10",
+                                                                                 "resnet18_linear_train_unlabeled")
+    assert (scratch.student, scratch.epochs, unl.epochs) == ("resnet10t", 40, 4)
+    assert build_config("shapes10", "resnet18_from_scratch", epochs=2).epochs == 2  # explicit flags win
+
+
 def test_demo_selection_answers_each_question():
     qs = {e.question for e in select("shapes10")}
     assert qs == {"teacher", "labels_vs_distill", "data", "method"}

@@ -65,8 +65,7 @@ _add(Experiment("resnet18_text_train", "labels_vs_distill", "student",
 _add(Experiment("resnet18_linear_train", "labels_vs_distill", "student",
                 {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN}, "openclip_linear", {"stl10": 60.65}, demo=True))
 _add(Experiment("resnet18_text_train_unlabeled", "data", "student",
-                {"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN_UNL}, "openclip_text", {"stl10": 94.32},
-                demo=True))
+                {"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN_UNL}, "openclip_text", {"stl10": 94.32}))
 _add(Experiment("resnet18_linear_train_unlabeled", "data", "student",
                 {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN_UNL}, "openclip_linear", {"stl10": 96.88},
                 demo=True))
@@ -94,6 +93,10 @@ class Suite:
     description: str
     base: dict  # TrainConfig fields shared by every experiment of the suite
     downloads: str = ""
+    # The study's student -> the one this suite trains in its place (same role, other input size).
+    students: dict = field(default_factory=dict)
+    # Overrides for rows that train on exactly these splits ("train", "train+unlabeled").
+    by_data: dict = field(default_factory=dict)
 
 
 SUITES: Registry[Suite] = Registry("suite", flag="--suite")
@@ -108,13 +111,23 @@ SUITES.add("stl10", Suite(
     downloads="STL10 (2.6 GB from cs.stanford.edu, into DATA_ROOT/stl10_binary) and the ViT-B-32 laion2b weights "
               "(605 MB from huggingface.co, into the Hugging Face cache)"))
 
+# shapes10 is 32 px: a ResNet's 7x7/2 stem + max-pool leaves 8x8 of it, and resnet18 learnt
+# only 49.7% in the demo's budget where timm's deep-stem "t" ResNets (three 3x3 convs) reached
+# 82-92% (resnet18d, the same depth with a deep stem: 85.6%). So this suite keeps the study's
+# rows and their sizes' order but trains the "t" family; the report names the real student.
+# The labelled-only rows get 40 epochs (1,000 images each) so that every row sees about as many
+# images as the 4 epochs over 11,000 of the unlabeled rows: the same compute for each answer.
 SUITES.add("shapes10", Suite(
     "shapes10",
-    "the offline world: the tiny-shapes teacher on shapes10 at 32 px (1,000 labelled, 5,000 unlabeled, 2,000 "
-    "test images), sized to run on two CPU cores: 5 epochs, Adam 2e-3 with a cosine schedule, batch 64",
-    {"teacher": "tiny-shapes", "dataset": "shapes10", "image_size": 32, "max_images": 5000, "epochs": 5,
+    "the offline world: the tiny-shapes teacher on shapes10 at 32 px (1,000 labelled, 10,000 unlabeled, 2,000 "
+    "test images), sized to run on two CPU cores: students resnet10t/14t/26t (deep stems suit 32 px) in place "
+    "of resnet18/34/50, Adam 2e-3 with a cosine schedule, batch 64, 4 epochs with unlabeled data and 40 "
+    "without (about the same number of images seen)",
+    {"teacher": "tiny-shapes", "dataset": "shapes10", "image_size": 32, "epochs": 4,
      "batch_size": 64, "lr": 2e-3, "schedule": "cosine", "student_mean": 0.5, "student_std": 0.25,
-     "augment": "none"}))
+     "augment": "none"},
+    students={"resnet18": "resnet10t", "resnet34": "resnet14t", "resnet50": "resnet26t"},
+    by_data={"train": {"epochs": 40}}))
 
 
 def build_config(suite: str, name: str, **overrides: Any):
@@ -123,7 +136,11 @@ def build_config(suite: str, name: str, **overrides: Any):
     from .train import TrainConfig
 
     s, e = SUITES.get(suite), EXPERIMENTS.get(name)
-    values = {**s.base, **e.overrides, **overrides}
+    values = {**s.base, **e.overrides}
+    if e.kind == "student":
+        values["student"] = s.students.get(values["student"], values["student"])
+        values.update(s.by_data.get("+".join(values["data"]), {}))
+    values.update(overrides)
     if e.kind == "student":
         return TrainConfig(**values)
     names = {f.name for f in dataclasses.fields(TeacherEvalConfig)}

@@ -45,7 +45,8 @@ class ReproduceConfig:
 
 @dataclasses.dataclass
 class DemoConfig:
-    full: bool = option(False, "also the student-size rows (resnet34, resnet50) and every other row")
+    full: bool = option(False, "every row of the study (the text-head rows, the student sizes), not the compact "
+                                    "selection")
     out: str = option("runs/demo", "report folder", metavar="DIR")
     cache_dir: str = option(default_factory=default_cache_dir, help="datasets, teachers and embeddings",
                             metavar="DIR")

@@ -314,8 +314,9 @@ class Trainer:
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     writer.add_scalar(f"val/{self.val_metric}", val, self.step)
-                    if improved:
-                        checkpoint.save(ck_dir / "best.pt", **self.state())
+                    if improved:  # weights and metadata only: resuming always starts from `last`
+                        checkpoint.save(ck_dir / "best.pt", **{k: v for k, v in self.state().items()
+                                                               if k not in ("optimizer", "scheduler", "scaler")})
                     checkpoint.save(ck_dir / "last.pt", **self.state())
                 barrier(self.dist)
         finally:
