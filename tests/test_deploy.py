@@ -381,3 +381,10 @@ def test_trtexec_summary_is_parsed_from_its_own_figures():
 
     with pytest.raises(ClipDistillError, match="performance summary"):
         parse_trtexec("[E] Error[4]: engine build failed")
+
+
+def test_teacher_export_with_a_run_refuses_other_weights_than_the_runs(tmp_path, trained_run, trained_teacher_file):
+    # trained_run was distilled from the random tiny-shapes file; the pre-trained teacher is other weights.
+    with pytest.raises(ConfigError, match="--pretrained"):
+        export(ExportConfig(teacher="tiny-shapes", pretrained=str(trained_teacher_file), run=str(trained_run),
+                            out=str(tmp_path / "t.onnx"), threads=1), log=_quiet)

@@ -155,3 +155,36 @@ def test_incomplete_cache_is_not_loaded(tmp_path):
     EmbeddingCache.open(path, {"model": "m"}, {"name": "d"}, 4, 8)
     with pytest.raises(FileNotFoundError, match="incomplete"):
         EmbeddingCache.load(path)
+
+
+def test_folder_splits_never_fall_back_to_training_images_and_share_train_classes(tmp_path):
+    from clipdistill.data.datasets import create_dataset
+    from clipdistill.errors import ConfigError
+
+    def img(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+
+    single = tmp_path / "single"
+    img(single / "cat" / "0.png")
+    assert create_dataset("folder", "train", str(single)).classes == ["cat"]
+    with pytest.raises(ConfigError, match="no test/ folder"):  # test is never the training images
+        create_dataset("folder", "test", str(single))
+
+    root = tmp_path / "split"
+    for c in ("cat", "dog", "fox"):
+        img(root / "train" / c / "0.png")
+    img(root / "test" / "cat" / "0.png")
+    img(root / "test" / "fox" / "0.png")
+    img(root / "unlabeled" / "a.png")
+    test = create_dataset("folder", "test", str(root))
+    assert test.classes == ["cat", "dog", "fox"] and list(test.targets) == [0, 2]  # fox keeps its train label
+    unl = create_dataset("folder", "unlabeled", str(root))
+    assert unl.classes == ["cat", "dog", "fox"] and list(unl.targets) == [-1]
+    img(root / "test" / "wolf" / "0.png")
+    with pytest.raises(ConfigError, match="wolf"):
+        create_dataset("folder", "test", str(root))
+    (tmp_path / "only_train" / "train" / "cat").mkdir(parents=True)
+    img(tmp_path / "only_train" / "train" / "cat" / "0.png")
+    with pytest.raises(ConfigError, match="no unlabeled/ folder"):
+        create_dataset("folder", "unlabeled", str(tmp_path / "only_train"))

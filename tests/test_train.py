@@ -144,3 +144,29 @@ def test_torchrun_two_processes_on_cpu(tmp_path, cache_dir, trained_teacher_file
     # one metrics file, written by rank 0 only: one validation record per epoch
     vals = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in ln]
     assert len(vals) == 1
+
+
+def test_a_run_is_not_resumed_or_evaluated_against_another_teacher_or_precision(tmp_path, cache_dir,
+                                                                                 trained_teacher_file):
+    """`--device`, `--amp auto` and `--precision auto` resolve per machine; the checkpoint
+    records what they resolved to, and a run continued elsewhere must match it."""
+    from clipdistill.evaluate import EvalConfig, evaluate_run
+
+    run = tmp_path / "run"
+    kw = train_kwargs(cache_dir, trained_teacher_file, method="labels", data=["train"], epochs=1, out=str(run))
+    train(TrainConfig(**kw), log=_quiet)
+    (run / "result.json").unlink()
+    last = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert last["amp"] in ("fp32", "bfloat16")
+    checkpoint.save(run / "checkpoints" / "last.pt", **{**last, "amp": "float16"})
+    with pytest.raises(ConfigError, match="student precision float16"):
+        train(TrainConfig(**kw), log=_quiet)
+    best = checkpoint.load(run / "checkpoints" / "best.pt")
+    checkpoint.save(run / "checkpoints" / "best.pt", **{**best, "teacher": {**best["teacher"], "precision": "fp16"}})
+    with pytest.raises(ConfigError, match="precision 'fp16' then"):
+        evaluate_run(EvalConfig(run=str(run)), log=_quiet)
+
+
+def test_the_test_split_is_never_training_data(cache_dir, trained_teacher_file):
+    with pytest.raises(ConfigError, match="--data"):
+        TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, data=["train", "test"]))

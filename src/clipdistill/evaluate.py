@@ -13,7 +13,7 @@ import torch
 
 from . import atomic, checkpoint
 from .config import check, option
-from .errors import MissingResourceError
+from .errors import ConfigError, MissingResourceError
 
 
 @dataclasses.dataclass
@@ -35,7 +35,13 @@ def evaluate_trainer(trainer, extra: dict | None = None) -> dict:
     state = checkpoint.load(ck)
     if state is None:
         raise MissingResourceError(f"{ck} does not exist; train the run first")
+    mismatch = trainer.resolved_mismatch(state)
+    if "teacher" in mismatch:  # agreement and embedding heads must be the teacher the student learnt from
+        raise ConfigError(f"--run {trainer.run_dir} was trained with {mismatch}; evaluate it with the run's "
+                          f"--device/--cache-dir (or none of those overrides)")
     checkpoint.unwrap(trainer.model).load_state_dict(state["model"])
+    # The head the student was trained and picked with, exactly as `export` folds it in.
+    trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
     test = trainer.data.rows("test")
     s, t, y = trainer.predict(test)
     keep = y >= 0

@@ -270,6 +270,11 @@ def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, r
         if run_teacher != name:
             raise ConfigError(f"--teacher {name}: the run was distilled from {run_teacher}; its head only fits that "
                               f"teacher's embeddings (export {run_teacher}, or leave --run out for embeddings)")
+        run_weights = (run_state.get("teacher") or {}).get("weights")
+        if pretrained != "random" and run_weights is not None and run_weights != fingerprint.get("weights"):
+            raise ConfigError(f"--pretrained: the run was distilled from {name} weights {run_weights}, not "
+                              f"{fingerprint.get('weights')}; its head only fits those (leave --pretrained out "
+                              f"to use the run's)")
         th = run_state["teacher_head"]
         head_spec = _head_spec(th, run_state["num_classes"], run_state["embed_dim"])
         head = make_head(head_spec, th["state_dict"])
@@ -474,7 +479,9 @@ def export(cfg: ExportConfig, log=print) -> dict:
         run_cfg = state["config"]
     if cfg.teacher:
         cache = cfg.cache_dir or (run_cfg or {}).get("cache_dir") or default_cache_dir()
-        loaded = load_teacher_encoder(cfg.teacher, cfg.pretrained, cache, state)
+        # With --run, the weights default to the ones the run distilled from: its head fits only those.
+        pretrained = cfg.pretrained if cfg.pretrained is not None else (run_cfg or {}).get("pretrained")
+        loaded = load_teacher_encoder(cfg.teacher, pretrained, cache, state)
         if cfg.size and cfg.size != loaded.info["trained_size"]:
             raise ConfigError(f"--size {cfg.size}: {cfg.teacher} takes {loaded.info['trained_size']} px only "
                               f"(its position embeddings are fixed); leave --size out")

@@ -106,15 +106,20 @@ def load_or_train_probe(path: Path, emb: np.ndarray, labels: np.ndarray, num_cla
                         teacher_fingerprint: dict) -> tuple[nn.Linear, dict]:
     """A probe is as cheap to keep as it is to retrain, but keeping it makes every
     student distilled from the linear head see the very same teacher."""
+    # The rows it learnt from: a changed train folder must retrain it, or its holdout would
+    # no longer be the trainer's validation rows.
+    data_key = hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes() +
+                            np.ascontiguousarray(emb[:, :4], dtype=np.float32).tobytes()).hexdigest()
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved.get("teacher") == teacher_fingerprint and saved.get("num_classes") == num_classes:
+        if saved.get("teacher") == teacher_fingerprint and saved.get("num_classes") == num_classes and \
+                saved.get("data") == data_key:
             probe = nn.Linear(saved["dim"], num_classes)
             probe.load_state_dict(saved["state_dict"])
             return probe.eval(), saved["info"]
     probe, info = train_linear_probe(emb, labels, num_classes, cfg)
     atomic.torch_save(path, {"state_dict": probe.state_dict(), "info": info, "teacher": teacher_fingerprint,
-                             "dim": int(emb.shape[1]), "num_classes": num_classes})
+                             "dim": int(emb.shape[1]), "num_classes": num_classes, "data": data_key})
     return probe, info
 
 

@@ -55,7 +55,8 @@ def _read_lines(path: Optional[str]) -> Optional[list[str]]:
 
 def prepare_teacher_outputs(topt: TeacherOptions, dopt: DataOptions, splits: list[str], probe: Optional[ProbeConfig]
                             = None, teacher: Optional[Teacher] = None, progress: bool = True,
-                            overwrite: bool = False, log=print) -> TeacherOutputs:
+                            overwrite: bool = False, log=print, probe_required: bool = True) -> TeacherOutputs:
+    """`probe_required=False`: train the probe only if the train split has labels (`--head auto`)."""
     root = dopt.data_root or default_data_root(topt.cache_dir)
     datasets = {s: create_dataset(dopt.dataset, s, root, dopt.image_size, dopt.max_images) for s in splits}  # cheap errors first
     teacher = teacher or create_teacher(topt.teacher, topt.pretrained, topt.device, topt.precision, topt.cache_dir)
@@ -79,9 +80,13 @@ def prepare_teacher_outputs(topt: TeacherOptions, dopt: DataOptions, splits: lis
                           prompts=np.asarray(prompts))
 
     if probe is not None:
+        if "train" not in datasets and not probe_required:
+            return out
         if "train" not in datasets:
             raise ConfigError("the linear probe needs the labelled train split")
         emb, labels = out.labelled("train")
+        if (labels < 0).all() and not probe_required:
+            return out
         if (labels < 0).all():
             raise ConfigError(f"--dataset {dopt.dataset}: the train split has no labels, so no linear probe can be "
                               f"trained; use the text head")

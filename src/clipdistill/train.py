@@ -71,6 +71,8 @@ class TrainConfig(TeacherOptions, DataOptions):
         self._check_teacher()
         self._check_data()
         check(bool(self.data), "data", "give at least one split, e.g. train or train,unlabeled")
+        check("test" not in self.data, "data", "the test split is kept for the final report; train on train "
+                                               "and/or unlabeled")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 2, "batch_size", "must be >= 2 (batch norm needs two samples)")
         check(self.lr > 0, "lr", "must be > 0")
@@ -130,7 +132,8 @@ class Trainer:
         if not self.dist.is_main:
             barrier(self.dist)
         self.outs = prepare_teacher_outputs(cfg, cfg, splits, probe=cfg.probe_config() if head != "text" else None,
-                                            teacher=teacher, progress=cfg.progress and self.dist.is_main, log=log)
+                                            teacher=teacher, progress=cfg.progress and self.dist.is_main, log=log,
+                                            probe_required=head == "linear")
         if self.dist.is_main:
             barrier(self.dist)
         self.data = StudentData(self.outs, splits, cfg.student_size or None, progress=cfg.progress)
@@ -182,6 +185,7 @@ class Trainer:
                 "num_classes": self.num_classes, "embed_dim": self.embed_dim, "size": self.size,
                 "classes": self.outs.classes, "prompts": self.outs.prompts, "val_metric": self.val_metric,
                 "teacher": self.outs.teacher.fingerprint(),
+                "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
                 # The frozen head travels with the student, so export needs no teacher.
                 "teacher_head": {"kind": self.head_name, "state_dict": self.teacher_head.state_dict(),
                                  "logit_scale": self.cfg.logit_scale}}
@@ -198,14 +202,34 @@ class Trainer:
         if diff:
             raise ConfigError(f"--out {self.run_dir} holds a run made with another config: " + "; ".join(diff) +
                               ". Use the same flags to resume it, or another --out for a new run.")
+        # `--device`, `--amp auto` and `--precision auto` resolve per machine: a run continued
+        # elsewhere must still see the same teacher targets and the same student precision.
+        mismatch = self.resolved_mismatch(state)
+        if mismatch:
+            raise ConfigError(f"--out {self.run_dir} was trained with {mismatch}. Resume it with --device and "
+                              f"--amp/--precision set to what the run used, or start a new run in another --out.")
         checkpoint.unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best, self.history = state["epoch"], state["step"], state["best"], state["history"]
         checkpoint.set_rng_state(state["rng"])
         self.log(f"resumed {self.run_dir} at epoch {self.epoch}/{self.cfg.epochs} (step {self.step})")
         return True
+
+    def resolved_mismatch(self, state: dict) -> str:
+        """What differs between a checkpoint's resolved teacher/precision and this process's ('' if nothing)."""
+        now_t, then_t = self.outs.teacher.fingerprint(), state.get("teacher")
+        if then_t is not None and then_t != now_t:
+            keys = [k for k in sorted(set(now_t) | set(then_t)) if now_t.get(k) != then_t.get(k)]
+            return "another teacher setting: " + "; ".join(f"{k} {then_t.get(k)!r} then, {now_t.get(k)!r} now"
+                                                          for k in keys)
+        now_amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32"
+        then_amp = state.get("amp", now_amp)
+        if then_amp != now_amp:
+            return f"student precision {then_amp}, but this machine resolves it to {now_amp}"
+        return ""
 
     # ------------------------------------------------------------------ one batch
     def forward(self, rows, generator: Optional[torch.Generator], train: bool):

@@ -152,32 +152,56 @@ def _stl10(req: DatasetRequest):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+SPLIT_DIRS = ("train", "unlabeled", "test")
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 class ImageFolder:
     """A folder of images: sub-folders are classes; a flat folder is unlabeled (-1).
 
-    If `root/<split>` exists it is used, so `--data-root DIR --split train|test` works with
-    the common DIR/train/<class>/*.jpg layout. Every file with an image extension is listed;
-    unreadable ones are found when read and reported by the caller, never fatal."""
+    With the common DIR/{train,unlabeled,test}/ layout each split reads its own folder, and
+    every split labels classes by the train split's list, so a class missing from test/ can
+    not shift the others. The test split is never the training images: without DIR/test/ it
+    is refused instead of silently reading DIR. Every file is listed; unreadable ones are
+    found when read and reported by the caller, never fatal."""
 
     def __init__(self, root: str, split: str):
         base = Path(root)
         if not base.is_dir():
             raise ConfigError(f"--data-root {root}: not a folder; give a folder of images "
                               f"(sub-folders as classes, or flat for unlabeled images)")
+        by_split = [s for s in SPLIT_DIRS if (base / s).is_dir()]
         if (base / split).is_dir():
-            base = base / split
-        subdirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            folder = base / split
+        elif split == "test":
+            raise ConfigError(f"--data-root {root}: no test/ folder. Accuracy is measured on images kept apart from "
+                              f"training: put them in {base / 'test'}/<class>/ (same class names as train)")
+        elif by_split:
+            raise ConfigError(f"--data-root {root}: no {split}/ folder beside {', '.join(d + '/' for d in by_split)}; "
+                              f"add {base / split}/ or use the splits that exist")
+        else:
+            folder = base  # a single folder of images, for embed/predict-style use
+        ref = base / "train" if (base / "train").is_dir() else folder
+        self.classes = [d.name for d in _class_dirs(ref)]
         files: list[tuple[Path, int]] = []
+        subdirs = _class_dirs(folder)
         if subdirs:
-            self.classes = [d.name for d in subdirs]
-            for label, d in enumerate(subdirs):
+            unknown = [d.name for d in subdirs if d.name not in self.classes]
+            if unknown:
+                raise ConfigError(f"--data-root {folder}: class folders {', '.join(unknown)} are not classes of "
+                                  f"{ref} ({', '.join(self.classes)}); every split must use the train split's "
+                                  f"class names")
+            for d in subdirs:
+                label = self.classes.index(d.name)
                 files += [(p, label) for p in sorted(d.rglob("*")) if _is_candidate(p)]
         else:
-            self.classes = []
-            files = [(p, -1) for p in sorted(base.iterdir()) if _is_candidate(p)]
+            files = [(p, -1) for p in sorted(folder.iterdir()) if _is_candidate(p)]
         if not files:
-            raise ConfigError(f"--data-root {base}: the folder is empty; put images in it (sub-folders as classes)")
-        self.base = base
+            raise ConfigError(f"--data-root {folder}: the folder is empty; put images in it (sub-folders as classes)")
+        self.base = folder
         self.split = split
         self.files = [p for p, _ in files]
         self.targets = np.asarray([l for _, l in files], dtype=np.int64)
