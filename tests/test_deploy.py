@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -388,3 +389,16 @@ def test_teacher_export_with_a_run_refuses_other_weights_than_the_runs(tmp_path,
     with pytest.raises(ConfigError, match="--pretrained"):
         export(ExportConfig(teacher="tiny-shapes", pretrained=str(trained_teacher_file), run=str(trained_run),
                             out=str(tmp_path / "t.onnx"), threads=1), log=_quiet)
+
+
+@pytest.mark.parametrize("verb", ["predict", "bench"])
+def test_a_file_that_is_not_onnx_is_named_not_a_traceback(tmp_path, verb):
+    bad = tmp_path / "model.onnx"
+    bad.write_text("this is not a protobuf")
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
+    args = ["predict", "--model", str(bad), str(img)] if verb == "predict" else \
+        ["bench", "--model", str(bad), "--out", str(tmp_path / "b.json")]
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert str(bad) in proc.stderr and "clipdistill export" in proc.stderr and "Traceback" not in proc.stderr

@@ -136,7 +136,11 @@ def describe_model(path: str) -> dict:
     if not meta:
         import onnx
 
-        model = onnx.load(str(p), load_external_data=False)
+        try:
+            model = onnx.load(str(p), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+            raise ConfigError(f"--model {p}: not a readable ONNX file ({type(e).__name__}); give a file written by "
+                              f"`clipdistill export`") from None
         props = {q.key: q.value for q in model.metadata_props}
         if "clipdistill" in props:
             meta = json.loads(props["clipdistill"])

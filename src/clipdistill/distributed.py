@@ -3,6 +3,7 @@ command runs under `torchrun --nproc_per_node N`. NCCL on GPU, gloo on CPU; rank
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -35,7 +36,9 @@ def init_distributed(device: torch.device) -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        # Rank 0 fills the embedding caches (and may pre-train the tiny teacher) while the others
+        # wait in a barrier: NCCL's 10-minute default would kill a job embedding STL10's 100k images.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=6))
     return info
 
 

@@ -64,7 +64,14 @@ def session(path: str | os.PathLike | bytes, threads: int = 0, provider: str = "
                           f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
                           f"or use --provider cpu")
     providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
+    if not isinstance(path, bytes) and not Path(path).is_file():
+        raise ConfigError(f"--model {path}: no such file; give an ONNX file written by `clipdistill export`")
+    try:
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for unreadable models
+        raise ConfigError(f"--model {path if not isinstance(path, bytes) else '(in memory)'}: ONNX Runtime cannot "
+                          f"load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); give an "
+                          f"ONNX file written by `clipdistill export`") from None
 
 
 def read_metadata(sess) -> dict:
