@@ -188,3 +188,19 @@ def test_folder_splits_never_fall_back_to_training_images_and_share_train_classe
     img(tmp_path / "only_train" / "train" / "cat" / "0.png")
     with pytest.raises(ConfigError, match="no unlabeled/ folder"):
         create_dataset("folder", "unlabeled", str(tmp_path / "only_train"))
+
+
+def test_two_fillers_of_one_cache_take_turns(tmp_path, data_root, random_teacher_file):
+    """Two jobs (or torchrun ranks) embedding into one cache folder at once: one fills it,
+    the other finds it complete; the result equals a single run."""
+    args = [sys.executable, "-m", "clipdistill", "embed", "--pretrained", str(random_teacher_file), "--split", "test",
+            "--data-root", str(data_root), "--max-images", "400", "--embed-batch-size", "16", "--workers", "0",
+            "--no-progress", "--cache-dir", str(tmp_path / "shared")]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("already complete" in err for _, err in outs) == 1
+    run_cli("embed", *args[args.index("--pretrained"):-1], str(tmp_path / "single"))
+    found = [next((tmp_path / d).glob("embeddings/*/*/test/embeddings.npy")) for d in ("shared", "single")]
+    assert np.array_equal(np.load(found[0]), np.load(found[1]))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -67,7 +69,33 @@ def _collate(items):
 
 def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int = -1, overwrite: bool = False,
                progress: bool = True, log=print) -> EmbeddingCache:
-    """Embed every image of `ds` into the cache at `path`, resuming from what is done."""
+    """Embed every image of `ds` into the cache at `path`, resuming from what is done.
+
+    One filler at a time per cache folder (an exclusive file lock): two jobs sharing a cache
+    directory, or every rank of `torchrun ... embed`, take turns, and the later ones find the
+    cache complete instead of re-creating the array under the first one's memmap."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    with _exclusive(Path(path) / ".lock"):
+        return _fill(teacher, ds, path, batch_size, workers, overwrite, progress, log)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: bool, progress: bool,
+          log) -> EmbeddingCache:
     from tqdm import tqdm
 
     cache = EmbeddingCache.open(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim,
