@@ -61,4 +61,9 @@ def numpy_save(path: str | os.PathLike, **arrays: Any) -> Path:
 
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:  # ours are written atomically: a broken one was edited or copied in
+            from .errors import ClipDistillError
+
+            raise ClipDistillError(f"{path} is not valid JSON ({e}); restore it or move it away") from None

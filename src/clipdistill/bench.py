@@ -498,16 +498,25 @@ def cli_args(p) -> None:
 def run_cli(cfg: BenchConfig, args) -> int:
     cfg = dataclasses.replace(cfg, models=list(cfg.models) + list(getattr(args, "model_files", [])))
     res = bench(cfg, log=lambda *a: print(*a, file=sys.stderr))
+    failed = [r for r in res["records"] if r.get("error")]
+    # Exit 1 when a row failed (a skipped backend is not a failure): scripts must not take
+    # a table of errors for a measurement.
+    rc = 1 if failed else 0
+    if failed:
+        for r in failed:
+            print(f"failed: {r['model']} [{r['backend']}]: {r['error']}" +
+                  (" (a model exported with a fixed batch size needs that --batch)" if "dimension" in r["error"]
+                   else ""), file=sys.stderr)
     if args.json:
         print(json.dumps(res))
-        return 0
+        return rc
     print(table(res["records"]))
     if any(r.get("skipped") for r in res["records"]):
         print("\n" + skipped_lines(res["records"]))
     if res["ratios"]:
         print("\nstudent / teacher:\n" + ratio_lines(res["ratios"]))
     print(f"\nwrote {res['out']}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

@@ -40,7 +40,14 @@ def load(path: str | Path, map_location: Any = "cpu") -> Optional[dict]:
     if not path.exists():
         return None
     # Our own files: full state includes numpy RNG tuples, hence weights_only=False.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or foreign: writes are atomic, so not ours
+        from .errors import ClipDistillError
+
+        raise ClipDistillError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:120]}); it was not written "
+                               f"whole (ours are replaced atomically, never half-written): it was damaged or copied in. "
+                               f"Move it away, then train again (a run resumes from last.pt).") from None
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

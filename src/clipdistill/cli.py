@@ -278,6 +278,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         _stderr(f"clipdistill {verb}: interrupted; run the same command again to resume")
         return 130
+    except OSError as e:  # a path that cannot be made or written: its name is in the message
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        _stderr(f"clipdistill {verb}: error:{where}: {e.strerror or e}; check the --out/--cache-dir/--run "
+                f"paths (a folder where a file is expected, or the reverse, or no permission)")
+        return 1
     return 0
 
 

@@ -63,7 +63,7 @@ class ExportConfig:
                                              "never for accuracy)", metavar="TAG|PATH|random")
     exporter: str = option("torchscript", "torchscript: torch.onnx.export(dynamo=False), the proven path; dynamo: "
                                           "the torch.export-based exporter (opset >= 18)", choices=list(EXPORTERS))
-    opset: int = option(17, "ONNX opset version")
+    opset: int = option(0, "ONNX opset version; 0 = the exporter's proven default (torchscript 17, dynamo 18)")
     tolerance: float = option(1e-3, "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|)")
     parity_images: int = option(16, "real test images run through both PyTorch and ONNX Runtime")
     int8: bool = option(False, "also write an INT8 copy (ONNX Runtime static quantization, QDQ, per-channel int8 "
@@ -88,8 +88,12 @@ class ExportConfig:
             check(ck.is_file(), "run", f"{ck} does not exist; is {self.run} a run made by `clipdistill train`, and "
                                        f"has it finished an epoch?")
         check(self.pretrained is None or bool(self.teacher), "pretrained", "only applies with --teacher")
+        check(not self.out or not Path(self.out).is_dir(), "out",
+              f"{self.out} is a folder; give the file to write, e.g. {Path(self.out) / 'model.onnx'}")
         check(self.size >= 0, "size", "must be >= 0 (0 = the trained size)")
-        check(7 <= self.opset <= 23, "opset", "must be between 7 and 23 (17 is the proven default)")
+        if self.opset == 0:
+            self.opset = 18 if self.exporter == "dynamo" else 17
+        check(7 <= self.opset <= 23, "opset", "must be between 7 and 23 (0 picks the proven default)")
         check(self.exporter != "dynamo" or self.opset >= 18, "opset", "the dynamo exporter needs opset 18 or more")
         check(self.tolerance > 0, "tolerance", "must be > 0")
         check(self.parity_images >= 1, "parity_images", "must be >= 1")
@@ -510,7 +514,11 @@ def export(cfg: ExportConfig, log=print) -> dict:
             result["int8"] = _int8(cfg, run_cfg, info, tmp_path, sess, out, log)
         _write(tmp_path, out, info)
     log(f"wrote {out} ({info['role']} {info['name']}, {size} px, {info['output']} "
-        f"{info.get('num_classes', info.get('embed_dim'))}; {exp['call']}) and {sidecar_path(out).name}")
+        f"{info.get('num_classes') or info.get('embed_dim')}; {exp['call']}) and {sidecar_path(out).name}")
+    if info["role"] == "student" and size != info["trained_size"]:
+        log(f"note: the student learnt at {info['trained_size']} px; at {size} px it computes the same network "
+            f"(speed and memory at this size are right) but its accuracy does not carry over: deploy the "
+            f"{info['trained_size']} px export, or train at {size} px (--student-size {size})")
     result.update({"parity": parity, "info": info})
     if result.get("int8") and result["int8"]["accuracy_drop"] > cfg.max_drop:
         q = result["int8"]
@@ -542,8 +550,12 @@ def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_se
              "eval_images": int(len(pick)), "eval_split": f"{run_cfg['dataset']} test", "max_drop": cfg.max_drop,
              "within_bound": bool(drop <= cfg.max_drop), **qinfo}
         log(f"int8 ({cfg.int8_target}): test accuracy {acc32:.2f}% (fp32 ONNX) -> {acc8:.2f}% (int8), "
-            f"{-drop:+.2f} points on {len(pick)} images (bound: -{cfg.max_drop}), top-1 agreement "
+            f"{-drop:+.2f} points on {len(pick)} images (allowed drop: {cfg.max_drop:g}), top-1 agreement "
             f"{q['agreement_with_fp32']:.1f}% [{time.time() - t0:.1f} s]")
+        if not q["within_bound"]:  # kept for inspection, under a name nothing picks up by mistake
+            q_out.unlink(missing_ok=True)
+            q_out = q_out.with_name(q_out.name[:-len(".onnx")] + ".rejected.onnx")
+            q["path"] = str(q_out)
         q_info = {**info, "precision": "int8", "quantization": q, "fp32_model": out.name,
                   "accuracy": {**info.get("accuracy", {}), "onnx_fp32_test_accuracy": acc32,
                                "onnx_int8_test_accuracy": acc8, "eval_images": int(len(pick))}}

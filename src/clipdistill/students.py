@@ -6,6 +6,7 @@ the study's `ToTensor()` + `Normalize(0.5, 0.25)` at the dataset's native 96 px.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -23,6 +24,12 @@ def create_student(arch: str, out_dim: int, pretrained: bool = False) -> nn.Modu
         raise ConfigError(f"--student {arch!r} is not a timm model" + (f"; did you mean one of: {', '.join(close)}"
                                                                        if close else "") +
                           " (all: python -c \"import timm; print(timm.list_models())\")")
+    if pretrained:
+        from .network import reachable
+
+        if not reachable("huggingface.co"):
+            # Offline, hub downloads retry for about a minute; the local HF cache still answers.
+            os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         return timm.create_model(arch, pretrained=pretrained, num_classes=out_dim)
     except Exception as e:  # timm raises several types when weights cannot be fetched

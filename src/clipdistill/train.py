@@ -158,6 +158,8 @@ class Trainer:
                                                                       "images)" if labelled_only else ""))
         self.size = cfg.student_size or self.data.native_size()
         self.amp_dtype = _amp_dtype(cfg.amp, self.device)
+        if self.amp_dtype == torch.float16 and self.device.type == "cpu":
+            log("warning: --amp fp16 on a CPU is emulated and many times slower than fp32 or bf16; use --amp auto")
         torch.manual_seed(cfg.seed)
         self.model = create_student(cfg.student, self.method.out_dim(self.num_classes, self.embed_dim),
                                     cfg.student_pretrained).to(self.device)
@@ -364,6 +366,9 @@ def train(cfg: TrainConfig, log=print, teacher=None) -> dict:
     """Train (or resume, or reuse a finished run) and return the test report."""
     from .evaluate import evaluate_trainer
 
+    if cfg.resume == "never" and (cfg.run_dir() / "checkpoints" / "last.pt").exists():
+        raise ConfigError(f"--out {cfg.run_dir()} already holds a run (--resume never); use --resume auto to "
+                          f"continue or reuse it, or another --out")
     done = finished_result(cfg)
     if done is not None:
         log(f"{cfg.run_dir()} is already complete (result.json); reusing it")

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -143,7 +145,11 @@ def create_tiny_model(size: int = 32):
 
     register_model_configs()
     kw = {} if size == 32 else {"force_image_size": size}
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, **kw)
+    logging.disable(logging.WARNING)  # open_clip's "no pretrained weights loaded": random init is the point here
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(TINY_NAME, **kw)
+    finally:
+        logging.disable(logging.NOTSET)
     return model, preprocess, open_clip.get_tokenizer(TINY_NAME)
 
 
@@ -213,7 +219,7 @@ def pretrain_tiny_teacher(cfg: TinyTeacherConfig, out_path: str | os.PathLike, p
         order = torch.randperm(cfg.n_captions, generator=g)
         pos = 0
         losses: list[float] = []
-        bar = tqdm(range(cfg.steps), desc=f"pre-train {TINY_NAME}", disable=not progress, unit="step")
+        bar = tqdm(range(cfg.steps), desc=f"pre-train {TINY_NAME}", disable=None if progress else True, unit="step")
         for step in bar:
             if pos + cfg.batch_size > cfg.n_captions:  # new epoch, new order
                 order, pos = torch.randperm(cfg.n_captions, generator=g), 0
@@ -286,6 +292,8 @@ def ensure_tiny_teacher(cache_dir: str | os.PathLike, cfg: Optional[TinyTeacherC
     cfg = cfg or TinyTeacherConfig()
     path = tiny_teacher_path(cache_dir, cfg)
     if not path.is_file():
+        print(f"tiny-shapes: first use, pre-training the teacher once (1-2 minutes on two CPU cores); it is cached "
+              f"as {path}", file=sys.stderr, flush=True)
         pretrain_tiny_teacher(cfg, path, progress=progress, threads=threads)
     register_model_configs()  # so that the caller can open it by name right away
     return path
