@@ -98,3 +98,9 @@ def test_reproduce_writes_report_and_reuses_everything(tmp_path, cache_dir, trai
     second = reproduce(cfg, log=lambda *a: None)
     assert time.time() - t0 < 15
     assert [r["test_accuracy"] for r in second["records"]] == [r["test_accuracy"] for r in first["records"]]
+    # --only adds to a report; it never drops the rows already finished in the folder
+    import dataclasses
+
+    third = reproduce(dataclasses.replace(cfg, only=["resnet18_from_scratch"]), log=lambda *a: None)
+    assert [r["name"] for r in third["records"]] == cfg.only
+    assert "Overridden for this report: --epochs 1, --max-images 2000" in (out / "RESULTS.md").read_text()

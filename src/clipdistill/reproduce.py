@@ -99,13 +99,39 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
                 teacher_result = _reuse_teacher_eval(ecfg) or teacher_eval(ecfg, teacher=teacher(ecfg), log=log)
             result = teacher_result
         records.append(record(e, cfg.suite, result))
+    records = _with_other_finished_rows(cfg, exps, records, out)
+    overrides = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("epochs", "max_images", "pretrained")
+                          if getattr(cfg, k))
     header = (f"Made by `clipdistill reproduce --suite {cfg.suite}` on {time.strftime('%Y-%m-%d')} "
               f"({platform.machine()}, {platform.processor() or platform.system()}); "
-              f"{SUITES.get(cfg.suite).description}.")
+              f"{SUITES.get(cfg.suite).description}." +
+              (f" **Overridden for this report: {overrides}** (the suite's sizes above do not apply)." if overrides
+               else ""))
     rep = write_report(records, out, cfg.suite, header)
     log(f"wrote {out / 'RESULTS.md'}, {out / 'results.json'} and {len(rep['plots'])} plots "
         f"in {time.time() - t0:.0f} s")
     return {"records": records, "markdown": rep["markdown"], "out": str(out), "seconds": time.time() - t0}
+
+
+def _with_other_finished_rows(cfg: ReproduceConfig, exps, records: list, out: Path) -> list:
+    """`--only` adds rows to a report, it does not erase the others: every other experiment
+    of the suite already finished in this folder, with these settings, stays in it."""
+    from .train import finished_result
+
+    done = {e.name for e in exps}
+    by_name = {r["name"]: r for r in records}
+    for e in select(cfg.suite, full=True):
+        if e.name in done:
+            continue
+        if e.kind == "student":
+            extra = {"epochs": cfg.epochs} if cfg.epochs else {}
+            result = finished_result(build_config(cfg.suite, e.name, **_runtime(cfg), out=str(out / e.name),
+                                                  **extra))
+        else:
+            result = _reuse_teacher_eval(build_config(cfg.suite, e.name, **_runtime(cfg), out=str(out / "teacher")))
+        if result is not None:
+            by_name[e.name] = record(e, cfg.suite, result)
+    return [by_name[n] for n in EXPERIMENTS if n in by_name]
 
 
 def _preflight(cfg: ReproduceConfig, exps) -> None:
