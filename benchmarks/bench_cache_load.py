@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--dim", type=int, default=512)
     args = ap.parse_args()
-    from clipdistill.cache import EmbeddingCache
+    from clipdistill.teacher.cache import EmbeddingCache
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((args.n, args.dim)).astype(np.float32)

@@ -23,18 +23,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import random_vit_teacher, shapes_images, table, timed  # noqa: E402
 
 
-class _Images:
-    def __init__(self, arr):
-        self.arr = arr
+def _images(arr):
+    """The benchmark's images as a clipdistill dataset (data.protocol)."""
+    import numpy as np
 
-    def __len__(self):
-        return len(self.arr)
+    from clipdistill.data.protocol import InMemoryDataset
 
-    def __getitem__(self, i):
-        return Image.fromarray(self.arr[i]), -1
+    class Images(InMemoryDataset):
+        name, split = "bench", "bench"
 
-    def fingerprint(self):
-        return {"name": "bench", "n": len(self.arr)}
+        def __init__(self):
+            self.data, self.targets = arr, np.full(len(arr), -1, dtype=np.int64)
+            self.classes, self.prompts = [], []
+
+        def fingerprint(self):
+            return {"name": "bench", "n": len(self.data)}
+
+        def slug(self):
+            return "bench"
+
+    return Images()
 
 
 def reference_loop(teacher, images, out: Path) -> None:
@@ -49,7 +57,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=96, help="images")
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
-    from clipdistill.embed import fill_cache
+    from clipdistill.teacher.embed import fill_cache
 
     images = shapes_images(args.n)
     rows = []
@@ -63,8 +71,8 @@ def main() -> None:
             teacher = t32 if precision == "fp32" else random_vit_teacher("bf16")
             if precision == "bf16":
                 teacher.model.load_state_dict(t32.model.state_dict())
-            s, cache = timed(fill_cache, teacher, _Images(images), Path(tmp) / f"cache-{precision}", args.batch, 0,
-                             progress=False, log=lambda *a: None)
+            s, cache = timed(fill_cache, teacher, _images(images), Path(tmp) / f"cache-{precision}", args.batch, 0,
+                             progress=False)
             got = torch.from_numpy(cache.embeddings[:].astype("float32"))
             cos = F.cosine_similarity(got, ref, dim=-1).min().item()
             rows.append({"method": f"clipdistill cache (bs {args.batch}, inference_mode, memmap)",

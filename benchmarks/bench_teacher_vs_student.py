@@ -39,7 +39,8 @@ def _student_run(args, work: Path) -> Path:
     from safetensors.torch import save_file
 
     from clipdistill.teacher.tiny import register_model_configs
-    from clipdistill.train import TrainConfig, train
+    from clipdistill.distill.config import TrainConfig
+    from clipdistill.distill.train import train
 
     register_model_configs()
     weights = work / "tiny-shapes-random.safetensors"
@@ -54,14 +55,14 @@ def _student_run(args, work: Path) -> Path:
     res = train(TrainConfig(method="labels", data=["train"], student=args.student, epochs=args.epochs,
                             augment=args.augment, batch_size=32, lr=2e-3, amp="fp32", device="cpu",
                             pretrained=str(weights),
-                            cache_dir=str(work / "cache"), progress=False, out=str(run)), log=_log)
+                            cache_dir=str(work / "cache"), progress=False, out=str(run)))
     _log(f"student test accuracy (PyTorch): {res['test_accuracy']:.2f}%")
     return run
 
 
 def _export(args, log, **kw) -> dict:
     """export(), or with --reuse the figures of an earlier export read back from its sidecars."""
-    from clipdistill.export import ExportConfig, export, int8_path, sidecar_path
+    from clipdistill.deploy.export import ExportConfig, export, int8_path, sidecar_path
 
     cfg = ExportConfig(threads=args.threads, **kw)
     out = Path(cfg.out)
@@ -73,7 +74,7 @@ def _export(args, log, **kw) -> dict:
         if cfg.int8:
             res["int8"] = json.loads(sidecar_path(q_path).read_text())["quantization"]
         return res
-    return export(cfg, log=log)
+    return export(cfg)
 
 
 def main(argv=None) -> int:
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="reuse the ONNX files already in --work (bench again only)")
     args = p.parse_args(argv)
 
-    from clipdistill.bench import BenchConfig, bench, ratio_lines, skipped_lines, table
+    from clipdistill.deploy.bench import BenchConfig, bench, ratio_lines, skipped_lines, table
 
     t0 = time.time()
     load_start = os.getloadavg()[0]
@@ -125,9 +126,9 @@ def main(argv=None) -> int:
     models = [teacher, s224, Path(exports["student_224"]["int8"]["path"]),
               Path(exports["student_224_trt"]["int8"]["path"]), native,
               Path(exports["student_native"]["int8"]["path"])]
-    res = bench(BenchConfig(models=[str(m) for m in models], backend=args.backend.split(","), batch=args.batch,
+    res = bench(BenchConfig(model=[str(m) for m in models], backend=args.backend.split(","), batch=args.batch,
                             iters=args.iters, max_seconds=args.max_seconds, threads=args.threads,
-                            out=str(work / "bench.json")), log=_log)
+                            out=str(work / "bench.json")))
     load_end = os.getloadavg()[0]
 
     acc = {k: {"fp32": v["int8"]["accuracy_fp32"], "int8": v["int8"]["accuracy_int8"],
@@ -139,9 +140,9 @@ def main(argv=None) -> int:
                default=None)
     r224 = next((r for r in res["ratios"] if r["student_precision"] == "int8" and r["student_size"] == 224
                  and "tensorrt" not in r["student"]), None)
-    from clipdistill.bench import _machine
+    from clipdistill.deploy.bench import _machine
 
-    md = [f"# Teacher vs student, measured on this machine",
+    md = ["# Teacher vs student, measured on this machine",
           "",
           f"Machine: {_machine()}; load average {load_start:.1f} at the start, {load_end:.1f} at the end "
           f"(this script's own process counts about 1 with --threads 1: more means other work shared the CPUs, "

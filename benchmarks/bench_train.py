@@ -35,10 +35,10 @@ def main() -> None:
     import timm
     from torchvision import transforms
 
-    from clipdistill.cache import EmbeddingCache
-    from clipdistill.methods import kl_distillation
-    from clipdistill.students import prepare_images
-    from clipdistill.train import _amp_dtype
+    from clipdistill.teacher.cache import EmbeddingCache
+    from clipdistill.distill.methods import kl_distillation
+    from clipdistill.distill.students import prepare_images
+    from clipdistill.core.device import dtype_of, resolve_precision
 
     n = args.batch * (args.steps + 2)
     images = shapes_images(n, args.size)
@@ -82,7 +82,8 @@ def main() -> None:
         cache.write(0, emb, np.ones(n, np.uint8))
         cache.commit(n)
         cache = EmbeddingCache.load(tmp / "cache")
-        amp = _amp_dtype("auto", torch.device("cpu"))
+        resolved = resolve_precision("auto", torch.device("cpu"), "student")
+        amp = None if resolved == "fp32" else dtype_of(resolved)
 
         def ours(amp_dtype, channels_last: bool) -> float:
             torch.manual_seed(0)

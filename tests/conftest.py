@@ -65,3 +65,47 @@ def train_kwargs(cache_dir: Path, teacher_file: Path, **over) -> dict:
               epochs=4, batch_size=64, lr=2e-3, progress=False)
     kw.update(over)
     return kw
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir, random_teacher_file) -> Path:
+    """A real run folder: resnet10t trained from shapes10 labels (a few epochs, one thread:
+    the test machines' cores are shared, and oversubscribed torch threads crawl)."""
+    import torch
+
+    from clipdistill.distill.config import TrainConfig
+    from clipdistill.distill.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "resnet10t-labels"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(TrainConfig(method="labels", data=["train"], epochs=5, student="resnet10t", batch_size=32, lr=3e-3,
+                          amp="fp32", device="cpu", cache_dir=str(cache_dir), pretrained=str(random_teacher_file),
+                          progress=False, out=str(run)))
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def cli_subprocess(*args: str, code: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    """`clipdistill ARGS` in a fresh interpreter; `code` runs after main() (e.g. to report
+    which modules it imported)."""
+    prog = ("import sys, json\nfrom clipdistill.cli import main\nrc = main(sys.argv[1:])\n" + code +
+            "\nsys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", prog, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory) -> dict:
+    """fp32 + INT8 (cpu target) exports of the trained run, through the real CLI."""
+    import json
+
+    from clipdistill.deploy.export import int8_path
+
+    out = tmp_path_factory.mktemp("export") / "student.onnx"
+    proc = cli_subprocess("export", "--run", str(trained_run), "--out", str(out), "--int8", "--calib-images", "144",
+                          "--threads", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"fp32": out, "int8": int8_path(out, "cpu"), "result": json.loads(proc.stdout), "stderr": proc.stderr}

@@ -15,10 +15,12 @@ from PIL import Image
 import pytest
 import torch
 
-from clipdistill import checkpoint
-from clipdistill.errors import ConfigError
-from clipdistill.export import ExportConfig, ParityError, check_parity, export, int8_path
-from clipdistill.students import create_student, prepare_images
+from conftest import cli_subprocess as _cli
+
+from clipdistill.distill import checkpoint
+from clipdistill.core.errors import ConfigError
+from clipdistill.deploy.export import ExportConfig, ParityError, check_parity, export, int8_path
+from clipdistill.distill.students import create_student, prepare_images
 
 from clipdistill.data.shapes10 import CLASSES as SHAPES10_CLASSES
 
@@ -27,43 +29,6 @@ CLASSES = list(SHAPES10_CLASSES)
 
 def _quiet(*a, **k):
     pass
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, cache_dir, random_teacher_file) -> Path:
-    """A real run folder: resnet10t trained from shapes10 labels (a few epochs, one thread:
-    the test machines' cores are shared, and oversubscribed torch threads crawl)."""
-    from clipdistill.train import TrainConfig, train
-
-    run = tmp_path_factory.mktemp("runs") / "resnet10t-labels"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(TrainConfig(method="labels", data=["train"], epochs=5, student="resnet10t", batch_size=32, lr=3e-3,
-                          amp="fp32", device="cpu", cache_dir=str(cache_dir), pretrained=str(random_teacher_file),
-                          progress=False, out=str(run)), log=_quiet)
-    finally:
-        torch.set_num_threads(threads)
-    return run
-
-
-@pytest.fixture(scope="session")
-def exported(trained_run, tmp_path_factory) -> dict:
-    """fp32 + INT8 (cpu target) exports of the trained run, through the real CLI."""
-    out = tmp_path_factory.mktemp("export") / "student.onnx"
-    proc = _cli("export", "--run", str(trained_run), "--out", str(out), "--int8", "--calib-images", "144",
-                "--threads", "1", "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"fp32": out, "int8": int8_path(out, "cpu"), "result": json.loads(proc.stdout), "stderr": proc.stderr}
-
-
-def _cli(*args: str, code: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
-    """`clipdistill ARGS` in a fresh interpreter; `code` runs after main() (e.g. to report
-    which modules it imported)."""
-    prog = ("import sys, json\nfrom clipdistill.cli import main\nrc = main(sys.argv[1:])\n" + code +
-            "\nsys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", prog, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _test_images(cache_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +47,7 @@ def _session(path):
 
 
 def _torch_student(run: Path) -> torch.nn.Module:
-    state = checkpoint.load(run / "checkpoints" / "best.pt")
+    state = checkpoint.load(run / "checkpoints" / "best.safetensors")
     model = create_student(state["config"]["student"], state["num_classes"])
     model.load_state_dict(state["model"])
     return model.eval()
@@ -118,7 +83,7 @@ def test_student_export_matches_pytorch_on_real_images(trained_run, exported, ca
     assert meta["classes"] == CLASSES and meta["output"] == "logits" and meta["precision"] == "fp32"
     side = json.loads(exported["fp32"].with_suffix(".json").read_text())
     result = json.loads((trained_run / "result.json").read_text())
-    state = checkpoint.load(trained_run / "checkpoints" / "best.pt")
+    state = checkpoint.load(trained_run / "checkpoints" / "best.safetensors")
     assert side["classes"] == CLASSES and side["prompts"] == list(state["prompts"]) and len(side["prompts"]) == 10
     assert side["teacher"]["model"] == "tiny-shapes"
     assert side["accuracy"]["test_accuracy"] == pytest.approx(result["test_accuracy"])
@@ -128,13 +93,13 @@ def test_student_export_matches_pytorch_on_real_images(trained_run, exported, ca
 @pytest.mark.parametrize("head,exporter", [("text", "torchscript"), ("linear", "dynamo")])
 def test_embedding_student_has_its_head_folded_in(tmp_path, cache_dir, head, exporter):
     """An "embedding" student's ONNX outputs class logits = head(student(x))."""
-    from clipdistill.heads import TextHead
+    from clipdistill.teacher.heads import TextHead
 
     torch.manual_seed(0)
     student = create_student("resnet10t", 16).eval()
     th = TextHead(torch.randn(10, 16), 100.0) if head == "text" else torch.nn.Linear(16, 10).eval()
     run = tmp_path / "run"
-    checkpoint.save(run / "checkpoints" / "best.pt", model=student.state_dict(), output="embedding",
+    checkpoint.save(run / "checkpoints" / "best.safetensors", model=student.state_dict(), output="embedding",
                     num_classes=10, embed_dim=16, size=32, classes=CLASSES, prompts=[f"a {c}" for c in CLASSES],
                     teacher={"model": "tiny-shapes", "weights": "test"}, epoch=1,
                     teacher_head={"kind": head, "state_dict": th.state_dict(), "logit_scale": 100.0},
@@ -142,7 +107,7 @@ def test_embedding_student_has_its_head_folded_in(tmp_path, cache_dir, head, exp
                             "image_size": 32, "data": ["train"], "cache_dir": str(cache_dir), "data_root": None})
     out = tmp_path / "m.onnx"
     res = export(ExportConfig(run=str(run), out=str(out), exporter=exporter, opset=17 if exporter == "torchscript"
-                              else 18, threads=1), log=_quiet)
+                              else 18, threads=1))
     images, _ = _test_images(cache_dir, 4)
     x = prepare_images(torch.from_numpy(images), 32, 0.5, 0.25)
     with torch.no_grad():
@@ -167,23 +132,23 @@ def test_teacher_image_encoder_exports_the_same_way(tmp_path, random_teacher_fil
 
     out = tmp_path / "teacher.onnx"
     res = export(ExportConfig(teacher="tiny-shapes", pretrained=str(random_teacher_file), out=str(out),
-                              cache_dir=str(cache_dir), threads=1), log=_quiet)
+                              cache_dir=str(cache_dir), threads=1))
     info = res["info"]
     assert info["role"] == "teacher" and info["output"] == "embedding" and info["input"]["size"] == 32
     assert info["input"]["resize"] == "shortest-center-crop" and info["input"]["mean"][0] == pytest.approx(0.4814, 1e-3)
-    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu")
+    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu", precision="fp32")
     x = torch.randn(3, 3, 32, 32)
     got = _session(out).run(None, {"input": x.numpy()})[0]
     assert np.abs(got - teacher.encode_images(x).numpy()).max() < 1e-4
 
     # With the run, the run's head (here the linear probe) is folded on: class logits out.
     res = export(ExportConfig(teacher="tiny-shapes", pretrained=str(random_teacher_file), run=str(trained_run),
-                              out=str(tmp_path / "t2.onnx"), threads=1), log=_quiet)
+                              out=str(tmp_path / "t2.onnx"), threads=1))
     assert res["info"]["output"] == "logits" and res["info"]["head"] == "linear"
     assert res["info"]["classes"] == CLASSES
     with pytest.raises(ConfigError, match="--size"):
         export(ExportConfig(teacher="tiny-shapes", pretrained=str(random_teacher_file), size=64,
-                            out=str(tmp_path / "t3.onnx")), log=_quiet)
+                            out=str(tmp_path / "t3.onnx")))
 
 
 def test_export_config_errors_name_the_flag(tmp_path):
@@ -240,7 +205,7 @@ def test_int8_keeps_accuracy_within_a_point(trained_run, exported):
 
 def test_int8_tensorrt_target_uses_symmetric_int8_activations(trained_run, tmp_path):
     res = export(ExportConfig(run=str(trained_run), out=str(tmp_path / "m.onnx"), int8=True, int8_target="tensorrt",
-                              calib_images=32, eval_images=300, threads=1), log=_quiet)
+                              calib_images=32, eval_images=300, threads=1))
     path = Path(res["int8"]["path"])
     assert path.name == "m.int8-tensorrt.onnx" and path.is_file()
     zps = _activation_zero_points(path)
@@ -293,12 +258,12 @@ def test_predict_preprocessing_matches_training_and_the_teacher(random_teacher_f
     from PIL import Image
 
     from clipdistill.data.shapes10 import SPLITS, generate
-    from clipdistill.export import _clip_input, _student_input
-    from clipdistill.predict import preprocess
+    from clipdistill.deploy.export import _clip_input, _student_input
+    from clipdistill.deploy.predict import preprocess
     from clipdistill.teacher.openclip_teacher import create_teacher
 
     images = generate("test", 2, 96, SPLITS["test"].seed)[0]
-    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu")
+    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu", precision="fp32")
     odd = Image.fromarray(images[0]).resize((70, 50))  # not square: shortest side, then centre crop
     assert np.abs(preprocess(odd, _clip_input(teacher.preprocess, 32)) - teacher.preprocess(odd).numpy()).max() < 1e-6
     for size in (32, 224):  # down and up: Pillow's antialiased bilinear vs torch's, within uint8 rounding
@@ -308,11 +273,11 @@ def test_predict_preprocessing_matches_training_and_the_teacher(random_teacher_f
 
 
 def test_predict_refuses_a_model_without_classes(tmp_path, random_teacher_file, cache_dir):
-    from clipdistill.predict import predict
+    from clipdistill.deploy.predict import predict
 
     out = tmp_path / "t.onnx"
     export(ExportConfig(teacher="tiny-shapes", pretrained=str(random_teacher_file), out=str(out),
-                        cache_dir=str(cache_dir), parity_images=2, threads=1), log=_quiet)
+                        cache_dir=str(cache_dir), parity_images=2, threads=1))
     with pytest.raises(ConfigError, match="embedding"):
         predict(str(out), [str(tmp_path)], threads=1)
 
@@ -322,7 +287,7 @@ def test_predict_refuses_a_model_without_classes(tmp_path, random_teacher_file, 
 def test_bench_writes_every_field_for_the_backends_present(exported, trained_run, random_teacher_file, tmp_path):
     teacher = tmp_path / "teacher.onnx"
     export(ExportConfig(teacher="tiny-shapes", pretrained=str(random_teacher_file), run=str(trained_run),
-                        out=str(teacher), parity_images=2, threads=1), log=_quiet)
+                        out=str(teacher), parity_images=2, threads=1))
     out = tmp_path / "bench.json"
     proc = _cli("bench", "--model", str(exported["fp32"]), "--model", str(exported["int8"]), "--model", str(teacher),
                 "--backend", "ort-cpu,torch,ort-cuda", "--iters", "4", "--warmup", "1", "--threads", "1",
@@ -353,12 +318,12 @@ def test_bench_writes_every_field_for_the_backends_present(exported, trained_run
 
 
 def test_bench_refuses_a_size_the_model_was_not_exported_at(exported):
-    from clipdistill.bench import BenchConfig, bench
+    from clipdistill.deploy.bench import BenchConfig, bench
 
     with pytest.raises(ConfigError, match="--size 224.*32 px"):
-        bench(BenchConfig(models=[str(exported["fp32"])], size=224), log=_quiet)
+        bench(BenchConfig(model=[str(exported["fp32"])], size=224))
     with pytest.raises(ConfigError, match="--backend"):
-        BenchConfig(models=[str(exported["fp32"])], backend=["onnx-gpu"])
+        BenchConfig(model=[str(exported["fp32"])], backend=["onnx-gpu"])
 
 
 TRTEXEC_LOG = """\
@@ -372,13 +337,13 @@ TRTEXEC_LOG = """\
 
 
 def test_trtexec_summary_is_parsed_from_its_own_figures():
-    from clipdistill.bench import parse_trtexec
+    from clipdistill.deploy.bench import parse_trtexec
 
     r = parse_trtexec(TRTEXEC_LOG)
     assert r["qps"] == pytest.approx(31.8446)
     assert r["latency_ms_p50"] == pytest.approx(41.2759) and r["latency_ms_p99"] == pytest.approx(41.3042)
     assert r["memory_mb"] == 72
-    from clipdistill.errors import ClipDistillError
+    from clipdistill.core.errors import ClipDistillError
 
     with pytest.raises(ClipDistillError, match="performance summary"):
         parse_trtexec("[E] Error[4]: engine build failed")
@@ -388,7 +353,7 @@ def test_teacher_export_with_a_run_refuses_other_weights_than_the_runs(tmp_path,
     # trained_run was distilled from the random tiny-shapes file; the pre-trained teacher is other weights.
     with pytest.raises(ConfigError, match="--pretrained"):
         export(ExportConfig(teacher="tiny-shapes", pretrained=str(trained_teacher_file), run=str(trained_run),
-                            out=str(tmp_path / "t.onnx"), threads=1), log=_quiet)
+                            out=str(tmp_path / "t.onnx"), threads=1))
 
 
 @pytest.mark.parametrize("verb", ["predict", "bench"])

@@ -16,9 +16,9 @@ from PIL import Image
 
 from conftest import run_cli
 
-from clipdistill.cache import EmbeddedDataset, EmbeddingCache, cache_path
-from clipdistill.embed import EmbedConfig, embed
-from clipdistill.errors import CacheMismatchError
+from clipdistill.teacher.cache import EmbeddedDataset, EmbeddingCache
+from clipdistill.teacher.embed import EmbedConfig, embed
+from clipdistill.core.errors import CacheMismatchError
 
 
 def _manifest(cache_root: Path) -> Path | None:
@@ -63,24 +63,25 @@ def test_embed_resumes_after_sigkill_and_equals_uninterrupted_run(tmp_path, data
     assert np.abs(a.astype(np.float32)).sum(1).min() > 0  # no row left unwritten
 
 
-def test_second_run_reuses_the_cache(tmp_path, data_root, random_teacher_file):
+def test_second_run_reuses_the_cache(tmp_path, data_root, random_teacher_file, caplog):
     cfg = EmbedConfig(pretrained=str(random_teacher_file), split="test", data_root=str(data_root),
                       cache_dir=str(tmp_path), progress=False)
-    first = embed(cfg, log=lambda *a: None)
+    first = embed(cfg)
     stamp = (first.path / "embeddings.npy").stat().st_mtime_ns
-    msgs = []
-    second = embed(cfg, log=msgs.append)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clipdistill"):
+        second = embed(cfg)
+    msgs = [r.getMessage() for r in caplog.records]
     assert second.complete and "already complete" in msgs[0]
     assert (second.path / "embeddings.npy").stat().st_mtime_ns == stamp
     assert set(first.manifest) >= {"count", "dim", "complete", "skipped", "teacher", "dataset"}
 
 
 def test_foreign_teacher_cache_is_refused(tmp_path, data_root, random_teacher_file):
-    import shutil
 
     cfg = EmbedConfig(pretrained=str(random_teacher_file), split="test", data_root=str(data_root),
                       cache_dir=str(tmp_path / "c"), progress=False)
-    embed(cfg, log=lambda *a: None)
+    embed(cfg)
     # Same file name (so the same cache folder), other weights: a retrained teacher.
     other = tmp_path / "other" / random_teacher_file.name
     other.parent.mkdir()
@@ -96,9 +97,9 @@ def test_foreign_teacher_cache_is_refused(tmp_path, data_root, random_teacher_fi
     assert proc.returncode == 1
     assert "another teacher" in proc.stderr and "--overwrite" in proc.stderr and "weights" in proc.stderr
     with pytest.raises(CacheMismatchError):
-        embed(EmbedConfig(**{**cfg.__dict__, "pretrained": str(other)}), log=lambda *a: None)
+        embed(EmbedConfig(**{**cfg.__dict__, "pretrained": str(other)}))
     # --overwrite rebuilds it
-    rebuilt = embed(EmbedConfig(**{**cfg.__dict__, "pretrained": str(other), "overwrite": True}), log=lambda *a: None)
+    rebuilt = embed(EmbedConfig(**{**cfg.__dict__, "pretrained": str(other), "overwrite": True}))
     assert rebuilt.complete
 
 
@@ -120,7 +121,7 @@ def test_folder_with_corrupt_and_non_image_files(tmp_path, random_teacher_file):
     (root / "dogs" / "notes.txt").write_text("not an image")
     cfg = EmbedConfig(dataset="folder", data_root=str(root), split="train", pretrained=str(random_teacher_file),
                       cache_dir=str(tmp_path / "cache"), progress=False, embed_batch_size=4, workers=0)
-    cache = embed(cfg, log=lambda *a: None)
+    cache = embed(cfg)
     assert cache.complete and cache.count == 12
     assert cache.manifest["skipped"] == 2
     assert any("broken.jpg" in s for s in cache.manifest["skipped_items"])
@@ -140,7 +141,7 @@ def test_folder_with_corrupt_and_non_image_files(tmp_path, random_teacher_file):
 def test_embedded_dataset_reads_through_a_memmap(tmp_path, data_root, random_teacher_file):
     cfg = EmbedConfig(pretrained=str(random_teacher_file), split="test", data_root=str(data_root),
                       cache_dir=str(tmp_path), progress=False)
-    cache = EmbeddingCache.load(embed(cfg, log=lambda *a: None).path)
+    cache = EmbeddingCache.load(embed(cfg).path)
     assert isinstance(cache.embeddings, np.memmap)
     from clipdistill.data.datasets import create_dataset
 
@@ -159,7 +160,7 @@ def test_incomplete_cache_is_not_loaded(tmp_path):
 
 def test_folder_splits_never_fall_back_to_training_images_and_share_train_classes(tmp_path):
     from clipdistill.data.datasets import create_dataset
-    from clipdistill.errors import ConfigError
+    from clipdistill.core.errors import ConfigError
 
     def img(path):
         path.parent.mkdir(parents=True, exist_ok=True)

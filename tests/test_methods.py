@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from clipdistill.errors import ConfigError
-from clipdistill.heads import TextHead
-from clipdistill.methods import (TERMS, Batch, Method, MethodContext, embedding_cosine, embedding_mse,
+from clipdistill.core.errors import ConfigError
+from clipdistill.teacher.heads import TextHead
+from clipdistill.distill.methods import (TERMS, Batch, Method, MethodContext, embedding_cosine, embedding_mse,
                                  kl_distillation, label_cross_entropy)
 
 

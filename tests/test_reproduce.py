@@ -9,10 +9,10 @@ import pytest
 
 from conftest import run_cli
 
-from clipdistill.experiments import EXPERIMENTS, SUITES, build_config, select
-from clipdistill.reproduce import ReproduceConfig, reproduce
-from clipdistill.teacher_eval import TeacherEvalConfig
-from clipdistill.train import TrainConfig
+from clipdistill.study.experiments import EXPERIMENTS, SUITES, build_config, select
+from clipdistill.study.reproduce import ReproduceConfig, reproduce
+from clipdistill.teacher.evaluate import TeacherEvalConfig
+from clipdistill.distill.config import TrainConfig
 
 STUDY_ROWS = ["openclip_text", "openclip_linear", "resnet18_from_scratch", "resnet18_text_train",
               "resnet18_linear_train", "resnet18_text_train_unlabeled", "resnet18_linear_train_unlabeled",
@@ -76,7 +76,7 @@ def test_reproduce_writes_report_and_reuses_everything(tmp_path, cache_dir, trai
                                                   "resnet18_linear_train"],
                           out=str(tmp_path / "rep"), cache_dir=str(cache_dir), pretrained=str(trained_teacher_file),
                           max_images=2000, epochs=1, progress=False)
-    first = reproduce(cfg, log=lambda *a: None)
+    first = reproduce(cfg)
     out = tmp_path / "rep"
     records = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in records] == cfg.only
@@ -95,12 +95,12 @@ def test_reproduce_writes_report_and_reuses_everything(tmp_path, cache_dir, trai
         assert (out / f"plot_{q}.png").stat().st_size > 1000 and (out / f"plot_{q}.svg").exists()
 
     t0 = time.time()
-    second = reproduce(cfg, log=lambda *a: None)
+    second = reproduce(cfg)
     assert time.time() - t0 < 15
     assert [r["test_accuracy"] for r in second["records"]] == [r["test_accuracy"] for r in first["records"]]
     # --only adds to a report; it never drops the rows already finished in the folder
     import dataclasses
 
-    third = reproduce(dataclasses.replace(cfg, only=["resnet18_from_scratch"]), log=lambda *a: None)
+    third = reproduce(dataclasses.replace(cfg, only=["resnet18_from_scratch"]))
     assert [r["name"] for r in third["records"]] == cfg.only
     assert "Overridden for this report: --epochs 1, --max-images 2000" in (out / "RESULTS.md").read_text()

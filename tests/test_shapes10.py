@@ -8,7 +8,7 @@ from PIL import Image
 
 from clipdistill.data import shapes10
 from clipdistill.data.shapes10 import CAPTION_SEED, CLASSES, SPLITS, Shapes10, generate, generate_captioned
-from clipdistill.errors import ConfigError
+from clipdistill.core.errors import ConfigError
 
 
 def test_classes_read_well_in_prompts():

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-import clipdistill.stl10 as study
-from clipdistill.errors import MissingResourceError
-from clipdistill.experiments import EXPERIMENTS
+import clipdistill.study.stl10 as study
+from clipdistill.core.errors import MissingResourceError
+from clipdistill.study.experiments import EXPERIMENTS
 
 STUDY_FUNCTIONS = ["precompute_clip_stl10_train_image_embeddings", "precompute_clip_stl10_unlabeled_image_embeddings",
                    "precompute_clip_stl10_test_image_embeddings", "precompute_clip_stl10_text_embeddings",
@@ -24,7 +24,7 @@ def test_every_study_function_exists_and_trains_a_registered_experiment():
     for name in STUDY_FUNCTIONS:
         assert callable(getattr(study, name)), name
         assert name in study.__all__
-    for fn, exp in study._STUDY_FUNCTIONS.items():
+    for fn, exp in study.STUDY_FUNCTIONS.items():
         assert EXPERIMENTS.get(exp).kind == "student"
         assert exp in getattr(study, fn).__doc__
 

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 
 from conftest import run_cli
 
-from clipdistill.errors import ConfigError, MissingResourceError
+from clipdistill.core.errors import ConfigError, MissingResourceError
 from clipdistill.teacher.openclip_teacher import create_teacher
 
 
 def test_local_checkpoint_path_loads_the_same_weights(random_teacher_file):
     from safetensors.torch import load_file
 
-    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu")
+    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu", precision="fp32")
     saved = load_file(str(random_teacher_file))
     state = teacher.model.state_dict()
     assert saved.keys() == state.keys()
@@ -30,7 +30,7 @@ def test_local_checkpoint_path_loads_the_same_weights(random_teacher_file):
 
 
 def test_text_templates_are_averaged_like_open_clip(random_teacher_file):
-    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu")
+    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu", precision="fp32")
     templates = ["a photo of {}.", "a drawing of {}."]
     got = teacher.encode_texts(["a star", "a ring"], templates)
     for row, p in zip(got, ["a star", "a ring"]):

@@ -17,9 +17,10 @@ import torch
 
 from conftest import run_cli, train_kwargs
 
-from clipdistill import checkpoint
-from clipdistill.errors import ConfigError
-from clipdistill.train import TrainConfig, train
+from clipdistill.distill import checkpoint
+from clipdistill.core.errors import ConfigError
+from clipdistill.distill.config import TrainConfig
+from clipdistill.distill.train import train
 
 
 def _quiet(*a, **k):
@@ -33,7 +34,7 @@ def _quiet(*a, **k):
     ("cosine", "text", ["train", "unlabeled"], 3)])
 def test_every_method_trains_and_beats_chance(tmp_path, cache_dir, trained_teacher_file, method, head, data, epochs):
     res = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method=method, head=head, data=data,
-                                           epochs=epochs, out=str(tmp_path / "run"))), log=_quiet)
+                                           epochs=epochs, out=str(tmp_path / "run"))))
     # chance is 10% (2,000 test images: one standard deviation is 0.7 points)
     assert res["test_accuracy"] > 13.0, res
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
@@ -42,31 +43,57 @@ def test_every_method_trains_and_beats_chance(tmp_path, cache_dir, trained_teach
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any("val_accuracy" in ln for ln in lines)
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    _timm_loads_the_student(tmp_path / "run")
+
+
+def _timm_loads_the_student(run: Path) -> None:
+    """RUN/student is what timm loads, with the checkpoint's outputs: logits, or for an
+    embedding student the embedding (its head is stored beside it, described in config.json)."""
+    import timm
+    from safetensors.torch import load_file
+
+    from clipdistill.teacher.heads import build_head
+
+    state = checkpoint.load(run / "checkpoints" / "best.safetensors")
+    out_dim = state["num_classes"] if state["output"] == "logits" else state["embed_dim"]
+    ref = timm.create_model(state["config"]["student"], num_classes=out_dim)
+    ref.load_state_dict(state["model"])
+    model = timm.create_model(f"local-dir:{run / 'student'}", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref.eval()(x), rtol=0, atol=0)
+    info = json.loads((run / "student" / "config.json").read_text())["clipdistill"]
+    assert info["output"] == state["output"] and info["classes"] == list(state["classes"])
+    if state["output"] == "embedding":
+        head = build_head(info["head"], load_file(str(run / "student" / info["head_file"])))
+        assert head(ref.eval()(x).detach()).shape == (2, state["num_classes"])
 
 
 def test_unlabeled_data_with_the_linear_head_beats_labels_alone(tmp_path, cache_dir, trained_teacher_file):
     scratch = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method="labels", data=["train"],
-                                               epochs=6, out=str(tmp_path / "scratch"))), log=_quiet)
+                                               epochs=6, out=str(tmp_path / "scratch"))))
     distilled = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method="kl", head="linear",
                                                  data=["train", "unlabeled"], epochs=6,
-                                                 out=str(tmp_path / "kl"))), log=_quiet)
+                                                 out=str(tmp_path / "kl"))))
     assert distilled["test_accuracy"] > scratch["test_accuracy"] + 5, (scratch, distilled)
 
 
-def test_finished_run_is_reused_and_other_config_refused(tmp_path, cache_dir, trained_teacher_file):
+def test_finished_run_is_reused_and_other_config_refused(tmp_path, cache_dir, trained_teacher_file, caplog):
     kw = train_kwargs(cache_dir, trained_teacher_file, method="kl", data=["train"], epochs=1,
                       out=str(tmp_path / "run"))
-    first = train(TrainConfig(**kw), log=_quiet)
-    msgs = []
+    first = train(TrainConfig(**kw))
+    caplog.clear()
     t0 = time.time()
-    again = train(TrainConfig(**kw), log=msgs.append)
+    with caplog.at_level("INFO", logger="clipdistill"):
+        again = train(TrainConfig(**kw))
+    msgs = [r.getMessage() for r in caplog.records]
     assert again == first and time.time() - t0 < 5 and "already complete" in msgs[0]
     with pytest.raises(ConfigError, match=r"--lr: 0\.002 in the run, 0\.001 now"):
-        train(TrainConfig(**{**kw, "lr": 1e-3}), log=_quiet)
+        train(TrainConfig(**{**kw, "lr": 1e-3}))
 
 
 def _last_epoch(run: Path) -> int:
-    p = run / "checkpoints" / "last.pt"
+    p = run / "checkpoints" / "last.safetensors"
     try:
         return checkpoint.load(p)["epoch"] if p.exists() else 0
     except Exception:  # noqa: BLE001 - being replaced right now
@@ -93,32 +120,36 @@ def test_sigkill_then_resume_auto_ends_with_the_same_weights(tmp_path, cache_dir
     resumed = run_cli(*args, "--out", str(killed), "--resume", "auto")
     assert f"resumed {killed} at epoch {epoch_at_kill}/3" in resumed.stderr
     run_cli(*args, "--out", str(tmp_path / "clean"))
-    a = checkpoint.load(killed / "checkpoints" / "last.pt")
-    b = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.pt")
+    a = checkpoint.load(killed / "checkpoints" / "last.safetensors")
+    b = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.safetensors")
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
     for k in b["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
     ra = json.loads((killed / "result.json").read_text())
     rb = json.loads((tmp_path / "clean" / "result.json").read_text())
     assert ra["test_accuracy"] == rb["test_accuracy"]
+    # the steps trained again after the kill are logged once: the same records as the clean run's
+    steps = [[(r["step"], "loss" in r) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+             for run in (killed, tmp_path / "clean")]
+    assert steps[0] == steps[1] and len(set(steps[0])) == len(steps[0])
 
 
 def test_resume_never_refuses_an_existing_run(tmp_path, cache_dir, trained_teacher_file):
     kw = train_kwargs(cache_dir, trained_teacher_file, method="labels", data=["train"], epochs=1,
                       out=str(tmp_path / "run"))
-    train(TrainConfig(**kw), log=_quiet)
+    train(TrainConfig(**kw))
     (tmp_path / "run" / "result.json").unlink()
     with pytest.raises(ConfigError, match="--resume auto"):
-        train(TrainConfig(**{**kw, "resume": "never"}), log=_quiet)
+        train(TrainConfig(**{**kw, "resume": "never"}))
 
 
 def test_non_finite_loss_stops_with_the_step_and_checkpoint(tmp_path, cache_dir, trained_teacher_file):
-    from clipdistill.errors import NonFiniteLossError
+    from clipdistill.core.errors import NonFiniteLossError
 
     kw = train_kwargs(cache_dir, trained_teacher_file, method="mse", data=["train"], epochs=1, lr=1e12,
                       amp="fp32", out=str(tmp_path / "run"))
     with pytest.raises(NonFiniteLossError, match=r"at step \d+ .*last good checkpoint"):
-        train(TrainConfig(**kw), log=_quiet)
+        train(TrainConfig(**kw))
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
@@ -126,7 +157,7 @@ def test_non_finite_loss_stops_with_the_step_and_checkpoint(tmp_path, cache_dir,
 def test_torchrun_two_processes_on_cpu(tmp_path, cache_dir, trained_teacher_file):
     # The caches are filled by a one-process run first (as rank 0 would).
     one = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method="kl", data=["train"], epochs=1,
-                                           out=str(tmp_path / "one"))), log=_quiet)
+                                           out=str(tmp_path / "one"))))
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "ddp"
     proc = subprocess.run(
@@ -136,11 +167,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path, cache_dir, trained_teacher_file
          "--no-progress", "--out", str(out), "--device", "cpu"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
     res = json.loads((out / "result.json").read_text())
     assert set(res) == set(one) and res["epochs"] == 1 and 0 <= res["test_accuracy"] <= 100
-    state = checkpoint.load(out / "checkpoints" / "last.pt")
-    assert state["step"] == checkpoint.load(tmp_path / "one" / "checkpoints" / "last.pt")["step"]
+    state = checkpoint.load(out / "checkpoints" / "last.safetensors")
+    assert state["step"] == checkpoint.load(tmp_path / "one" / "checkpoints" / "last.safetensors")["step"]
     # one metrics file, written by rank 0 only: one validation record per epoch
     vals = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in ln]
     assert len(vals) == 1
@@ -150,21 +181,21 @@ def test_a_run_is_not_resumed_or_evaluated_against_another_teacher_or_precision(
                                                                                  trained_teacher_file):
     """`--device`, `--amp auto` and `--precision auto` resolve per machine; the checkpoint
     records what they resolved to, and a run continued elsewhere must match it."""
-    from clipdistill.evaluate import EvalConfig, evaluate_run
+    from clipdistill.distill.evaluate import EvalConfig, evaluate_run
 
     run = tmp_path / "run"
     kw = train_kwargs(cache_dir, trained_teacher_file, method="labels", data=["train"], epochs=1, out=str(run))
-    train(TrainConfig(**kw), log=_quiet)
+    train(TrainConfig(**kw))
     (run / "result.json").unlink()
-    last = checkpoint.load(run / "checkpoints" / "last.pt")
-    assert last["amp"] in ("fp32", "bfloat16")
-    checkpoint.save(run / "checkpoints" / "last.pt", **{**last, "amp": "float16"})
-    with pytest.raises(ConfigError, match="student precision float16"):
-        train(TrainConfig(**kw), log=_quiet)
-    best = checkpoint.load(run / "checkpoints" / "best.pt")
-    checkpoint.save(run / "checkpoints" / "best.pt", **{**best, "teacher": {**best["teacher"], "precision": "fp16"}})
+    last = checkpoint.load(run / "checkpoints" / "last.safetensors")
+    assert last["amp"] in ("fp32", "bf16")
+    checkpoint.save(run / "checkpoints" / "last.safetensors", **{**last, "amp": "fp16"})
+    with pytest.raises(ConfigError, match="student precision fp16"):
+        train(TrainConfig(**kw))
+    best = checkpoint.load(run / "checkpoints" / "best.safetensors")
+    checkpoint.save(run / "checkpoints" / "best.safetensors", **{**best, "teacher": {**best["teacher"], "precision": "fp16"}})
     with pytest.raises(ConfigError, match="precision 'fp16' then"):
-        evaluate_run(EvalConfig(run=str(run)), log=_quiet)
+        evaluate_run(EvalConfig(run=str(run)))
 
 
 def test_the_test_split_is_never_training_data(cache_dir, trained_teacher_file):

@@ -1,7 +1,16 @@
 """clipdistill: distil an OpenCLIP teacher into a small, fast timm classifier.
 
-The library is importable without side effects; heavy modules (open_clip, timm,
-onnxruntime) are imported where they are used so that `clipdistill --help` is fast.
-"""
+The package follows the road the data travels, each stage importing only from the ones
+before it and from `core`:
 
-__version__ = "0.1.0"
+    core     config, registry, atomic writes, locks, safe state files, errors, device, logging
+    data     datasets (shapes10, STL10, folders), image decoding, pixels -> tensors
+    teacher  the open_clip wrapper, the tiny teacher, the embedding cache, heads, teacher-eval
+    distill  methods, students, the trainer, checkpoints, run folders, evaluation
+    deploy   ONNX export, INT8, bench, predict
+    study    the study's experiments, reproduce, report
+
+Importing it has no side effects; heavy modules (torch, open_clip, timm, onnxruntime) are
+imported where they are used so that `clipdistill --help` is fast."""
+
+__version__ = "0.2.0"

@@ -7,14 +7,15 @@ dataclass (see config.py). Modules are imported only for the verb that runs, so
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .errors import ClipDistillError, ConfigError
-from .registry import Registry
+from .core.errors import ClipDistillError, ConfigError
+from .core.registry import Registry
 
 
 @dataclass
@@ -52,7 +53,7 @@ VERBS.add("embed", Verb(
     "examples:\n  clipdistill embed --dataset shapes10 --split unlabeled\n"
     "  clipdistill embed --teacher ViT-B-32 --pretrained laion2b_s34b_b79k --dataset stl10 --split train "
     "--data-root ~/data\n  clipdistill embed --dataset folder --data-root ~/my_images --split train",
-    ".embed:EmbedConfig", ".cli:_run_embed"))
+    ".teacher.embed:EmbedConfig", ".cli:_run_embed"))
 
 VERBS.add("teacher-eval", Verb(
     "zero-shot and linear-probe accuracy of the teacher (the study's first table)",
@@ -61,7 +62,7 @@ VERBS.add("teacher-eval", Verb(
     "part of train, never on test). Writes OUT/teacher_eval.json.\n\n"
     "examples:\n  clipdistill teacher-eval                      # tiny-shapes teacher on shapes10, offline\n"
     "  clipdistill teacher-eval --teacher ViT-B-32 --dataset stl10 --json",
-    ".teacher_eval:TeacherEvalConfig", ".cli:_run_teacher_eval", _json_flag))
+    ".teacher.evaluate:TeacherEvalConfig", ".cli:_run_teacher_eval", _json_flag))
 
 
 VERBS.add("train", Verb(
@@ -69,21 +70,22 @@ VERBS.add("train", Verb(
     "One training loop for every method. Teacher outputs come from the embedding cache (filled on first "
     "use); the epoch's best weights are picked on a held-out part of the labelled train split (or teacher "
     "agreement when there are no labels), never on test. The run folder holds config.json, "
-    "checkpoints/{last,best}.pt (full state), metrics.jsonl, tensorboard/ and result.json. A killed run "
-    "continues with the same command (--resume auto). Several GPUs or nodes: "
+    "checkpoints/{last,best}.safetensors (last: full state), metrics.jsonl, tensorboard/, result.json and "
+    "student/ (the student as timm loads it). A killed run continues with the same command (--resume auto); "
+    "a second process on the same --out is refused. Several GPUs or nodes: "
     "`torchrun --nproc_per_node N -m clipdistill train ...`.\n\n"
     "methods (--method, combine with +):\n" + "{methods}" + "\n\n"
     "examples:\n  clipdistill train --method labels --data train                 # the study's from-scratch baseline\n"
     "  clipdistill train --method kl --head linear --data train,unlabeled\n"
     "  clipdistill train --method kl --head text --logit-scale 1 --data train,unlabeled   # the study's T=1 text row\n"
     "  clipdistill train --method mse --head text --data train,unlabeled --student resnet34",
-    ".train:TrainConfig", ".cli:_run_train", _json_flag))
+    ".distill.config:TrainConfig", ".cli:_run_train", _json_flag))
 
 VERBS.add("eval", Verb(
     "test accuracy and teacher agreement of a trained run",
     "Loads the run's best checkpoint and writes RUN/result.json with test_accuracy, teacher_agreement and "
     "per-class accuracy (percent).\n\nexample:\n  clipdistill eval --run runs/shapes10-resnet18-kl-auto-train",
-    ".evaluate:EvalConfig", ".cli:_run_eval", _json_flag))
+    ".distill.evaluate:EvalConfig", ".cli:_run_eval", _json_flag))
 
 
 def _print_result(res: dict, args) -> None:
@@ -96,16 +98,16 @@ def _print_result(res: dict, args) -> None:
 
 
 def _run_train(cfg, args) -> int:
-    from .train import train
+    from .distill.train import train
 
-    _print_result(train(cfg, log=_stderr), args)
+    _print_result(train(cfg), args)
     return 0
 
 
 def _run_eval(cfg, args) -> int:
-    from .evaluate import evaluate_run
+    from .distill.evaluate import evaluate_run
 
-    _print_result(evaluate_run(cfg, log=_stderr), args)
+    _print_result(evaluate_run(cfg), args)
     return 0
 
 
@@ -121,7 +123,7 @@ VERBS.add("reproduce", Verb(
     "examples:\n  clipdistill reproduce --suite shapes10 --full          # offline, CPU\n"
     "  clipdistill reproduce --suite stl10 --data-root ~/data     # the study, on a GPU machine\n"
     "  clipdistill reproduce --suite stl10 --only resnet18_linear_train_unlabeled",
-    ".reproduce:ReproduceConfig", ".cli:_run_reproduce"))
+    ".study.reproduce:ReproduceConfig", ".cli:_run_reproduce"))
 
 VERBS.add("demo", Verb(
     "the study replayed offline on shapes10 with the tiny teacher (what `make demo` runs)",
@@ -129,7 +131,7 @@ VERBS.add("demo", Verb(
     "teacher zero-shot and probe; from scratch vs distilled on train only; the gain from unlabeled data; "
     "KL vs MSE. --full adds the student sizes and the remaining rows. Generates shapes10 and pre-trains the "
     "tiny teacher on first use (cached).",
-    ".reproduce:DemoConfig", ".cli:_run_demo"))
+    ".study.reproduce:DemoConfig", ".cli:_run_demo"))
 
 
 @dataclass
@@ -138,42 +140,42 @@ class NoConfig:
 
 
 def _run_experiments(cfg, args) -> int:
-    from .reproduce import list_experiments
+    from .study.reproduce import list_experiments
 
     print(list_experiments())
     return 0
 
 
 def _run_reproduce(cfg, args) -> int:
-    from .reproduce import reproduce
+    from .study.reproduce import reproduce
 
-    res = reproduce(cfg, log=_stderr)
+    res = reproduce(cfg)
     print(res["markdown"])
     print(f"report: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it)")
     return 0
 
 
 def _run_demo(cfg, args) -> int:
-    from .reproduce import demo
+    from .study.reproduce import demo
 
-    res = demo(cfg, log=_stderr)
+    res = demo(cfg)
     print(res["markdown"])
     print(f"report: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it); took {res['seconds']:.0f} s")
     return 0
 
 
 def _run_embed(cfg, args) -> int:
-    from .embed import embed
+    from .teacher.embed import embed
 
-    cache = embed(cfg, log=_stderr)
+    cache = embed(cfg)
     print(cache.path)
     return 0
 
 
 def _run_teacher_eval(cfg, args) -> int:
-    from .teacher_eval import teacher_eval
+    from .teacher.evaluate import teacher_eval
 
-    res = teacher_eval(cfg, log=_stderr)
+    res = teacher_eval(cfg)
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "config"}, default=str))
     else:
@@ -197,7 +199,7 @@ VERBS.add("export", Verb(
     "  clipdistill export --run runs/RUN --size 224 --int8          # the study's 224 px setting\n"
     "  clipdistill export --run runs/RUN --int8 --int8-target tensorrt   # symmetric int8 for TensorRT\n"
     "  clipdistill export --teacher ViT-B-32 --pretrained random --out vit-b-32.onnx   # speed/memory only",
-    ".export:ExportConfig", ".export:run_cli", _json_flag))
+    ".deploy.export:ExportConfig", ".deploy.export:run_cli", _json_flag))
 
 VERBS.add("bench", Verb(
     "throughput, latency and memory of ONNX models per backend; the student/teacher table",
@@ -208,7 +210,7 @@ VERBS.add("bench", Verb(
     "examples:\n  clipdistill bench --model runs/RUN/model-224px.onnx --model vit-b-32.onnx\n"
     "  clipdistill bench --model runs/RUN/model.int8.onnx --model runs/RUN/model.onnx --backend ort-cpu,torch\n"
     "  clipdistill bench --model student.onnx --backend trtexec     # on a Jetson or GPU machine",
-    ".bench:BenchConfig", ".bench:run_cli", lambda p: _load(".bench:cli_args")(p)))
+    ".deploy.bench:BenchConfig", ".deploy.bench:run_cli", _json_flag))
 
 VERBS.add("predict", Verb(
     "top-k classes per image from an exported ONNX model (ONNX Runtime, numpy and Pillow only)",
@@ -216,7 +218,7 @@ VERBS.add("predict", Verb(
     "batches; a file that cannot be read is skipped with a warning naming it.\n\n"
     "examples:\n  clipdistill predict --model runs/RUN/model.int8.onnx photos/\n"
     "  clipdistill predict --model model.onnx cat.jpg dog.png --top-k 3 --json",
-    ".predict:PredictConfig", ".predict:run_cli", lambda p: _load(".predict:cli_args")(p)))
+    ".deploy.predict:PredictConfig", ".deploy.predict:run_cli", lambda p: _load(".deploy.predict:cli_args")(p)))
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -233,12 +235,12 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def build_parser(verb: str) -> argparse.ArgumentParser:
-    from .config import add_arguments
+    from .core.config import add_arguments
 
     v = VERBS.get(verb)
     description = v.description
     if "{methods}" in description:
-        from .methods import describe_methods
+        from .distill.methods import describe_methods
 
         description = description.replace("{methods}", describe_methods())
     p = argparse.ArgumentParser(prog=f"clipdistill {verb}", description=description,
@@ -246,6 +248,9 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     add_arguments(p, _load(v.config))
     if v.extra:
         v.extra(p)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-v", "--verbose", action="store_true", help="also print debug details (with module names)")
+    out.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and the result")
     return p
 
 
@@ -265,8 +270,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         _top_parser().error(f"unknown verb {verb!r}; valid: {', '.join(VERBS)}")
     parser = build_parser(verb)
     args = parser.parse_args(argv[1:])
-    from .config import from_namespace
+    from .core.config import from_namespace
+    from .core.logs import setup
 
+    setup(1 if args.verbose else -1 if args.quiet else 0)
     try:
         cfg = from_namespace(_load(VERBS.get(verb).config), args)
         return int(_load(VERBS.get(verb).run)(cfg, args) or 0)
@@ -280,6 +287,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except OSError as e:  # a path that cannot be made or written: its name is in the message
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            _stderr(f"clipdistill {verb}: error:{where}: no space left on the device; free some space (or point "
+                    f"--out/--cache-dir elsewhere) and run the same command again to continue")
+            return 1
         _stderr(f"clipdistill {verb}: error:{where}: {e.strerror or e}; check the --out/--cache-dir/--run "
                 f"paths (a folder where a file is expected, or the reverse, or no permission)")
         return 1

@@ -1,96 +1,12 @@
-"""The study's own function names, as thin calls into the registry, so its README's
-snippets run unchanged:
+"""Deprecated home of the study's function names (clipdistill 0.1); removed in 0.3.
 
-    from clipdistill.stl10 import precompute_clip_stl10_train_image_embeddings, train_resnet18_linear_probe
-    precompute_clip_stl10_train_image_embeddings()
-    train_resnet18_linear_probe()
+    from clipdistill.study.stl10 import precompute_clip_stl10_train_image_embeddings, ...
+"""
 
-They use the `stl10` suite (ViT-B-32 laion2b, STL10). Paths and devices come from the
-same places as the CLI: $CLIPDISTILL_CACHE, and `configure(data_root=..., out=...)`."""
+import warnings
 
-from __future__ import annotations
+from .study.stl10 import *  # noqa: F401,F403 - the study's names, unchanged
+from .study.stl10 import __all__  # noqa: F401
 
-from typing import Any
-
-_SETTINGS: dict[str, Any] = {"data_root": None, "out": "runs/reproduce-stl10", "device": "auto", "cache_dir": None}
-
-
-def configure(**settings: Any) -> None:
-    """Set data_root, out, device or cache_dir for the calls below."""
-    unknown = set(settings) - set(_SETTINGS)
-    if unknown:
-        raise TypeError(f"unknown settings {sorted(unknown)}; valid: {sorted(_SETTINGS)}")
-    _SETTINGS.update(settings)
-
-
-def _embed(split: str):
-    from .embed import EmbedConfig, embed
-    from .experiments import SUITES
-
-    base = SUITES.get("stl10").base
-    kw = {k: v for k, v in _SETTINGS.items() if k in ("data_root", "device", "cache_dir") and v is not None}
-    return embed(EmbedConfig(teacher=base["teacher"], pretrained=base["pretrained"], dataset="stl10", split=split,
-                             **kw))
-
-
-def _run(name: str) -> dict:
-    from .reproduce import ReproduceConfig, reproduce
-
-    kw = {k: v for k, v in _SETTINGS.items() if k in ("data_root", "device", "cache_dir", "out") and v is not None}
-    return reproduce(ReproduceConfig(suite="stl10", only=[name], **kw))["records"][0]
-
-
-def precompute_clip_stl10_train_image_embeddings():
-    return _embed("train")
-
-
-def precompute_clip_stl10_unlabeled_image_embeddings():
-    return _embed("unlabeled")
-
-
-def precompute_clip_stl10_test_image_embeddings():
-    return _embed("test")
-
-
-def precompute_clip_stl10_text_embeddings():
-    """Text embeddings of the study's ten prompts (cached beside the image embeddings)."""
-    from .config import DataOptions, TeacherOptions
-    from .experiments import SUITES
-    from .teacher_outputs import prepare_teacher_outputs
-
-    base = SUITES.get("stl10").base
-    kw = {k: v for k, v in _SETTINGS.items() if k in ("device", "cache_dir") and v is not None}
-    outs = prepare_teacher_outputs(TeacherOptions(teacher=base["teacher"], pretrained=base["pretrained"], **kw),
-                                   DataOptions(dataset="stl10", data_root=_SETTINGS["data_root"]), ["test"])
-    return outs.text_embeddings
-
-
-# name in the study -> experiment in the registry
-_STUDY_FUNCTIONS = {
-    "train_resnet18_from_scratch": "resnet18_from_scratch",
-    "train_resnet18_zero_shot_train_only": "resnet18_text_train",
-    "train_resnet18_linear_probe_train_only": "resnet18_linear_train",
-    "train_resnet18_zero_shot": "resnet18_text_train_unlabeled",
-    "train_resnet18_linear_probe": "resnet18_linear_train_unlabeled",
-    "train_resnet34_linear_probe": "resnet34_linear_train_unlabeled",
-    "train_resnet50_linear_probe": "resnet50_linear_train_unlabeled",
-    "train_resnet18_embedding_text": "resnet18_embedding_text_train_unlabeled",
-    "eval_resnet18_embedding_linear": "resnet18_embedding_linear_train_unlabeled",
-}
-
-
-def _make(fn_name: str, experiment: str):
-    def fn() -> dict:
-        return _run(experiment)
-
-    fn.__name__ = fn_name
-    fn.__doc__ = f"The study's `{fn_name}`: runs (or reuses) experiment `{experiment}` of the stl10 suite."
-    return fn
-
-
-for _fn, _exp in _STUDY_FUNCTIONS.items():
-    globals()[_fn] = _make(_fn, _exp)
-
-__all__ = ["configure", "precompute_clip_stl10_train_image_embeddings",
-           "precompute_clip_stl10_unlabeled_image_embeddings", "precompute_clip_stl10_test_image_embeddings",
-           "precompute_clip_stl10_text_embeddings", *_STUDY_FUNCTIONS]
+warnings.warn("clipdistill.stl10 moved to clipdistill.study.stl10 (the old path is removed in 0.3)",
+              DeprecationWarning, stacklevel=2)

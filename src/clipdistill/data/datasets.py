@@ -1,24 +1,30 @@
-"""Datasets by name. Each yields `(PIL image, label)` with label -1 when unknown and
-carries what the rest of the pipeline needs to trust a cache: `classes`, `prompts`
-(one text prompt per class for the zero-shot head) and `fingerprint()`.
+"""Datasets by name: a registry of factories, each returning an `ImageDataset` (see
+protocol.py) for one split. `create_dataset(name, split, root, ...)` is the one entry.
 
-Datasets that hold their pixels in memory also expose `data` (uint8, N x H x W x 3) so
-students can train from the array without a PIL round trip per sample."""
+- `shapes10`: the offline synthetic world (shapes10.py), generated on first use.
+- `stl10`: the study's dataset through torchvision; offline, it fails at once saying where
+  to put the files.
+- `folder`: your images, `DIR/{train,unlabeled,test}/` with class sub-folders (or a flat
+  folder of unlabeled images)."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image
 
-from ..errors import ConfigError, MissingResourceError
-from ..network import reachable
-from ..registry import Registry
+from ..core.errors import ConfigError, MissingResourceError
+from ..core.network import reachable
+from ..core.registry import Registry
+from .images import display_path, open_rgb
+from .protocol import ImageDataset, InMemoryDataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,41 +38,10 @@ class DatasetRequest:
     max_images: int = 0  # 0 = all; else the first N of the split
 
 
-class FirstN:
-    """The first `n` items of a dataset: quick trials on a slice of a big split."""
-
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, min(n, len(ds))
-        for attr in ("classes", "prompts", "templates", "split"):
-            if hasattr(ds, attr):
-                setattr(self, attr, getattr(ds, attr))
-        if hasattr(ds, "data"):
-            self.data = ds.data[: self.n]
-        self.targets = np.asarray(ds.targets)[: self.n]
-
-    def fingerprint(self) -> dict:
-        return {**self.ds.fingerprint(), "first": self.n}
-
-    def describe(self, i: int) -> str:
-        return self.ds.describe(i) if hasattr(self.ds, "describe") else f"item {i}"
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.ds[i]
+DATASETS: Registry[Callable[[DatasetRequest], ImageDataset]] = Registry("dataset", flag="--dataset")
 
 
-DATASETS: Registry[Callable[[DatasetRequest], Any]] = Registry("dataset", flag="--dataset")
-
-# The study's prompts, in torchvision's STL10 class order (seed/NOTES.md).
-STL10_PROMPTS = ["an airplane", "a bird", "a car", "a cat", "a deer", "a dog", "a horse", "a monkey",
-                 "a ship", "a truck"]
-
-
-def create_dataset(name: str, split: str, root: str, image_size: int = 32, max_images: int = 0):
+def create_dataset(name: str, split: str, root: str, image_size: int = 32, max_images: int = 0) -> ImageDataset:
     ds = DATASETS.get(name)(DatasetRequest(name=name, split=split, root=root, image_size=image_size,
                                            max_images=max_images))
     if max_images and len(ds) > max_images:
@@ -74,34 +49,67 @@ def create_dataset(name: str, split: str, root: str, image_size: int = 32, max_i
     return ds
 
 
-def dataset_splits(name: str) -> tuple[str, ...]:
-    return {"stl10": ("train", "test", "unlabeled"), "shapes10": ("train", "unlabeled", "test")}.get(name, ())
+def default_data_root(cache_dir: str) -> str:
+    return os.path.join(cache_dir, "data")
+
+
+class FirstN(ImageDataset):
+    """The first `n` items of a dataset: quick trials on a slice of a big split."""
+
+    def __init__(self, ds: ImageDataset, n: int):
+        self.ds, self.n = ds, min(n, len(ds))
+        self.name, self.split = ds.name, ds.split
+        self.classes, self.prompts, self.templates = ds.classes, ds.prompts, ds.templates
+        self.targets = np.asarray(ds.targets)[: self.n]
+        self.native_size = ds.native_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.ds.load(i)
+
+    def fingerprint(self) -> dict:
+        return {**self.ds.fingerprint(), "first": self.n}
+
+    def slug(self) -> str:
+        return f"{self.ds.slug()}-first{self.n}"
+
+    def describe(self, i: int) -> str:
+        return self.ds.describe(i)
+
+    def pixels(self, decode_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
+        if self.native_size is not None:
+            return self.ds.pixels(decode_size, progress)[: self.n]
+        return super().pixels(decode_size, progress)
 
 
 # ----------------------------------------------------------------------------- shapes10
 
 @DATASETS.register("shapes10")
-def _shapes10(req: DatasetRequest):
-    from .shapes10 import Shapes10
+def _shapes10(req: DatasetRequest) -> ImageDataset:
+    from .shapes10 import SPLITS, Shapes10, check_split
 
-    from .shapes10 import SPLITS
-
-    n = SPLITS[req.split].n if req.split in SPLITS else None
+    check_split(req.split)
+    n = SPLITS[req.split].n
     # Generate only what is asked for: a slice of shapes10 is the same first images.
-    ds = Shapes10(req.root, split=req.split, size=req.image_size,
-                  n=min(n, req.max_images) if (n and req.max_images) else None)
-    from ..teacher.tiny import TINY_PROMPT_TEMPLATES
-
-    # Class names go into the templates, phrased as the tiny teacher's captions are.
-    ds.prompts = list(ds.classes)
-    ds.templates = list(TINY_PROMPT_TEMPLATES)
-    return ds
+    return Shapes10(req.root, split=req.split, size=req.image_size,
+                    n=min(n, req.max_images) if req.max_images else None)
 
 
 # ----------------------------------------------------------------------------- STL10
 
-class STL10Split:
-    """torchvision's STL10 with HWC uint8 `data`, prompts and a fingerprint."""
+# The study's prompts, in torchvision's STL10 class order (seed/NOTES.md).
+STL10_PROMPTS = ["an airplane", "a bird", "a car", "a cat", "a deer", "a dog", "a horse", "a monkey",
+                 "a ship", "a truck"]
+
+
+class STL10Split(InMemoryDataset):
+    """torchvision's STL10 with HWC uint8 `data` and the study's prompts."""
+
+    name = "stl10"
 
     def __init__(self, root: str, split: str):
         from torchvision.datasets import STL10
@@ -110,30 +118,25 @@ class STL10Split:
             raise ConfigError(f"--split {split!r}: STL10 has train, test, unlabeled")
         root_path = Path(root)
         folder = root_path / STL10.base_folder
-        probe = STL10(str(root_path), split="test", download=False) if _stl10_present(root_path) else None
-        if probe is None:
-            if not reachable("cs.stanford.edu", 80) and not reachable("ai.stanford.edu", 80):
-                raise MissingResourceError(
-                    f"STL10 is not in {folder} and cannot be downloaded from here (no network). "
-                    f"Download {STL10.url} (2.6 GB) elsewhere, extract it so that {folder}/train_X.bin, "
-                    f"test_X.bin and unlabeled_X.bin exist, or pass --data-root to the folder that holds "
-                    f"stl10_binary/.")
-        ds = STL10(str(root_path), split=split, download=probe is None)
+        present = _stl10_present(root_path)
+        if not present and not reachable("cs.stanford.edu", 80) and not reachable("ai.stanford.edu", 80):
+            raise MissingResourceError(
+                f"STL10 is not in {folder} and cannot be downloaded from here (no network). "
+                f"Download {STL10.url} (2.6 GB) elsewhere, extract it so that {folder}/train_X.bin, "
+                f"test_X.bin and unlabeled_X.bin exist, or pass --data-root to the folder that holds "
+                f"stl10_binary/.")
+        ds = STL10(str(root_path), split=split, download=not present)
         self.split = split
-        self.root = str(root_path)
         self.data = np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1))  # N,3,H,W -> N,H,W,3
         self.targets = np.asarray(ds.labels, dtype=np.int64)
         self.classes = list(ds.classes)
         self.prompts = list(STL10_PROMPTS)
 
     def fingerprint(self) -> dict:
-        return {"name": "stl10", "split": self.split, "n": len(self), "size": int(self.data.shape[1])}
+        return {"name": "stl10", "split": self.split, "n": len(self), "size": self.native_size}
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int):
-        return Image.fromarray(self.data[i]), int(self.targets[i])
+    def slug(self) -> str:
+        return "stl10"
 
 
 def _stl10_present(root: Path) -> bool:
@@ -143,14 +146,11 @@ def _stl10_present(root: Path) -> bool:
 
 
 @DATASETS.register("stl10")
-def _stl10(req: DatasetRequest):
+def _stl10(req: DatasetRequest) -> ImageDataset:
     return STL10Split(req.root, req.split)
 
 
 # ----------------------------------------------------------------------------- image folder
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
 
 SPLIT_DIRS = ("train", "unlabeled", "test")
 
@@ -159,7 +159,13 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-class ImageFolder:
+def _is_candidate(p: Path) -> bool:
+    """Every visible file is a candidate: one that is not an image is found out when read,
+    then skipped and counted, rather than silently ignored."""
+    return p.is_file() and not p.name.startswith(".")
+
+
+class ImageFolder(ImageDataset):
     """A folder of images: sub-folders are classes; a flat folder is unlabeled (-1).
 
     With the common DIR/{train,unlabeled,test}/ layout each split reads its own folder, and
@@ -167,6 +173,8 @@ class ImageFolder:
     not shift the others. The test split is never the training images: without DIR/test/ it
     is refused instead of silently reading DIR. Every file is listed; unreadable ones are
     found when read and reported by the caller, never fatal."""
+
+    name = "folder"
 
     def __init__(self, root: str, split: str):
         base = Path(root)
@@ -204,70 +212,32 @@ class ImageFolder:
         self.base = folder
         self.split = split
         self.files = [p for p, _ in files]
-        self.targets = np.asarray([l for _, l in files], dtype=np.int64)
+        self.targets = np.asarray([label for _, label in files], dtype=np.int64)
         self.prompts = [f"a photo of a {c.replace('_', ' ')}" for c in self.classes]
 
     def fingerprint(self) -> dict:
         h = hashlib.sha1()
         for p in self.files:
             st = p.stat()
-            h.update(f"{p.relative_to(self.base)}|{st.st_size}|{int(st.st_mtime)}\n".encode())
-        return {"name": "folder", "path": str(self.base.resolve()), "split": self.split, "n": len(self.files),
-                "listing_sha1": h.hexdigest()}
+            # bytes, not text: a file name that is not valid UTF-8 still hashes
+            h.update(os.fsencode(p.relative_to(self.base)) + f"|{st.st_size}|{int(st.st_mtime)}\n".encode())
+        return {"name": "folder", "path": display_path(self.base.resolve()), "split": self.split,
+                "n": len(self.files), "listing_sha1": h.hexdigest()}
+
+    def slug(self) -> str:
+        path = os.fsencode(self.base.resolve().parent if self.base.name == self.split else self.base.resolve())
+        return f"folder-{display_path(Path(os.fsdecode(path)).name)}-{hashlib.sha1(path).hexdigest()[:8]}"
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
-        """Raises OSError (PIL.UnidentifiedImageError is one) for an unreadable file."""
-        with Image.open(self.files[i]) as im:
-            return im.convert("RGB"), int(self.targets[i])
+    def load(self, i: int):
+        return open_rgb(self.files[i])
 
     def describe(self, i: int) -> str:
-        return str(self.files[i])
-
-
-def _is_candidate(p: Path) -> bool:
-    """Every visible file is a candidate: one that is not an image is found out when read,
-    then skipped and counted, rather than silently ignored."""
-    return p.is_file() and not p.name.startswith(".")
+        return display_path(self.files[i])
 
 
 @DATASETS.register("folder")
-def _folder(req: DatasetRequest):
+def _folder(req: DatasetRequest) -> ImageDataset:
     return ImageFolder(req.root, req.split)
-
-
-def read_prompts(path: Optional[str], classes: list[str], default: list[str]) -> list[str]:
-    """Prompts from a file (one per line, class order) or the dataset's defaults."""
-    if path is None:
-        if not default:
-            raise ConfigError("this dataset has no class names to build prompts from; pass --prompts FILE "
-                              "with one prompt per class")
-        return list(default)
-    lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if classes and len(lines) != len(classes):
-        raise ConfigError(f"--prompts {path}: {len(lines)} prompts for {len(classes)} classes "
-                          f"({', '.join(classes)}); give one line per class, in that order")
-    if not lines:
-        raise ConfigError(f"--prompts {path}: the file is empty; give one prompt per line")
-    return lines
-
-
-def dataset_slug(ds: Any) -> str:
-    """A readable folder name for caches; the fingerprint in the manifest is the real key."""
-    fp = ds.fingerprint()
-    suffix = f"-first{fp['first']}" if "first" in fp else ""
-    if fp["name"] == "shapes10":
-        from .shapes10 import SPLITS
-
-        default_n = SPLITS[fp["split"]].n if fp["split"] in SPLITS else fp["n"]
-        return f"shapes10-{fp.get('size')}px" + (f"-first{fp['n']}" if fp["n"] != default_n else "")
-    if fp["name"] == "folder":
-        path = fp["path"]
-        return f"folder-{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:8]}{suffix}"
-    return fp["name"] + suffix
-
-
-def default_data_root(cache_dir: str) -> str:
-    return os.path.join(cache_dir, "data")

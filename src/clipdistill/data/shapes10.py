@@ -20,17 +20,21 @@ then the wrong name (see `_MISNAMED_AS`).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch.utils.data
 from PIL import Image, ImageDraw
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
+from .protocol import InMemoryDataset
+
+log = logging.getLogger(__name__)
 
 NAME = "shapes10"
 # Bump when the rendering changes: it names the cache folder and enters the fingerprint,
@@ -261,7 +265,7 @@ def _balanced_labels(seed: int, n: int) -> np.ndarray:
     return perm[np.arange(n) % len(CLASSES)]
 
 
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ConfigError(f"shapes10 has no split {split!r}; valid: {', '.join(SPLITS)}")
 
@@ -272,7 +276,7 @@ def generate(split: str, n: int, size: int, seed: int) -> tuple[np.ndarray, np.n
     `split` is only checked here (labels are always returned; `Shapes10` hides them for
     `unlabeled`); the seed alone decides the images, and image i depends only on (seed, i).
     """
-    _check_split(split)
+    check_split(split)
     labels = _balanced_labels(seed, n)
     images = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
@@ -281,12 +285,16 @@ def generate(split: str, n: int, size: int, seed: int) -> tuple[np.ndarray, np.n
 
 
 # Like web alt-text, many captions name only the object; the rest add what else is seen.
-_PLAIN_TEMPLATES = (
-    "a {name}",
-    "a photo of a {name}.",
-    "a drawing of a {name}",
-    "a {name} shape",
+# These plain captions are also the zero-shot prompt templates of the dataset (`{}` is the
+# class name), averaged like open_clip's zero-shot classifiers: the teacher is asked in the
+# words it learnt from. Every class name starts with a consonant, so "a {}" reads well.
+PROMPT_TEMPLATES: tuple[str, ...] = (
+    "a {}",
+    "a photo of a {}.",
+    "a drawing of a {}",
+    "a {} shape",
 )
+_PLAIN_TEMPLATES = tuple(t.replace("{}", "{name}") for t in PROMPT_TEMPLATES)
 _ATTRIBUTE_TEMPLATES = (
     "a {color} {name}",
     "a {size} {name}",
@@ -333,14 +341,17 @@ def generate_captioned(n: int, size: int, seed: int = CAPTION_SEED) -> tuple[np.
 
 # ----------------------------------------------------------------------------- dataset
 
-class Shapes10(torch.utils.data.Dataset):
+class Shapes10(InMemoryDataset):
     """A split of shapes10, rendered once into `root/shapes10/v{VERSION}-{size}px/{split}-{n}.npz`.
 
     Yields `(PIL RGB image, label)`; the label is -1 on the `unlabeled` split. `data` holds
-    all pixels (uint8 N x H x W x 3) so a trainer can skip the PIL round trip."""
+    all pixels (uint8 N x H x W x 3) so a trainer can skip the PIL round trip. The prompts are
+    the class names, formatted into `PROMPT_TEMPLATES`."""
+
+    name = NAME
 
     def __init__(self, root: str | Path, split: str = "train", size: int = 32, n: Optional[int] = None):
-        _check_split(split)
+        check_split(split)
         if size < 8:
             raise ConfigError(f"shapes10 image size {size} is too small; use 8 or more (32 is the default)")
         self.split = split
@@ -350,7 +361,8 @@ class Shapes10(torch.utils.data.Dataset):
             raise ConfigError(f"shapes10 n={self.n}: must be positive")
         self.seed = SPLITS[split].seed
         self.classes = list(CLASSES)
-        self.prompts = [f"a {c}" for c in CLASSES]
+        self.prompts = list(CLASSES)
+        self.templates = list(PROMPT_TEMPLATES)
         self.path = Path(root) / NAME / f"v{VERSION}-{self.size}px" / f"{split}-{self.n}.npz"
         self.data, labels = self._load_or_generate()
         self.hidden_targets = labels  # the true labels, for diagnostics only
@@ -358,11 +370,17 @@ class Shapes10(torch.utils.data.Dataset):
 
     def _load_or_generate(self) -> tuple[np.ndarray, np.ndarray]:
         if self.path.is_file():
-            with np.load(self.path) as z:
-                images, labels = z["images"], z["labels"]
-            if images.shape == (self.n, self.size, self.size, 3):
-                return images, labels.astype(np.int64)
-        from ..atomic import numpy_save
+            try:
+                with np.load(self.path) as z:
+                    images, labels = z["images"], z["labels"]
+                if images.shape == (self.n, self.size, self.size, 3) and labels.shape == (self.n,):
+                    return images, labels.astype(np.int64)
+                log.warning("%s holds arrays of another shape; generating it again", self.path)
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+                # It is written atomically, so a damaged file was truncated or edited: it is only a
+                # cache of a deterministic generator, so it is rebuilt rather than trusted.
+                log.warning("%s is damaged (%s: %s); generating it again", self.path, type(e).__name__, e)
+        from ..core.atomic import numpy_save
 
         images, labels = generate(self.split, self.n, self.size, self.seed)
         numpy_save(self.path, images=images, labels=labels)
@@ -372,11 +390,8 @@ class Shapes10(torch.utils.data.Dataset):
         return {"name": NAME, "version": VERSION, "split": self.split, "size": self.size, "n": self.n,
                 "seed": self.seed}
 
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(self.data[i]), int(self.targets[i])
+    def slug(self) -> str:
+        return f"{NAME}-{self.size}px" + (f"-first{self.n}" if self.n != SPLITS[self.split].n else "")
 
     def __repr__(self) -> str:
         return f"Shapes10(split={self.split!r}, n={self.n}, size={self.size}, path={str(self.path)!r})"

@@ -9,6 +9,7 @@ preprocess, precision) names every cache made from its outputs."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,15 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..device import resolve_device, resolve_dtype
-from ..errors import ConfigError, MissingResourceError
-from ..network import reachable
-from ..registry import Registry
+from ..core.device import dtype_of, precision_of, resolve_device, resolve_precision
+from ..core.errors import ConfigError, MissingResourceError
+from ..core.network import reachable
+from ..core.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# `--precision auto` keeps bf16 on a CPU only if the embeddings stay this close to fp32's.
+BF16_MIN_COSINE = 0.999
 
 # Usual weights per model when --pretrained is not given (the study's teacher first).
 DEFAULT_TAGS = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-B-16": "laion2b_s34b_b88k", "ViT-L-14": "laion2b_s32b_b82k"}
@@ -150,8 +156,12 @@ class Teacher:
         self.dtype = dtype
 
     @property
+    def precision(self) -> str:
+        return precision_of(self.dtype)
+
+    @property
     def slug(self) -> str:
-        return self.weights.slug if self.dtype == torch.float32 else f"{self.weights.slug}-{_dtype_name(self.dtype)}"
+        return self.weights.slug if self.dtype == torch.float32 else f"{self.weights.slug}-{self.precision}"
 
     @property
     def embed_dim(self) -> int:
@@ -165,7 +175,7 @@ class Teacher:
 
     def fingerprint(self) -> dict:
         return {"model": self.name, "weights": self.weights.weights_id, "preprocess": repr(self.preprocess),
-                "precision": _dtype_name(self.dtype)}
+                "precision": self.precision}
 
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype != torch.float32:
@@ -197,30 +207,64 @@ class Teacher:
         return torch.stack(rows).cpu()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+def _bf16_agrees(model: torch.nn.Module, size: int, n: int = 8) -> float:
+    """Smallest cosine between fp32 and bf16 image embeddings of `n` rendered shapes10
+    scenes (real images, not noise, at the teacher's side and normalisation)."""
+    from ..data.pixels import normalize_uint8
+    from ..data.shapes10 import SPLITS, generate
+
+    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean = pp.get("mean", (0.48145466, 0.4578275, 0.40821073))
+    std = pp.get("std", (0.26862954, 0.26130258, 0.27577711))
+    x = normalize_uint8(torch.from_numpy(generate("test", n, size, SPLITS["test"].seed)[0]), mean, std)
+    with torch.inference_mode():
+        ref = model.encode_image(x).float()
+        model.to(torch.bfloat16)
+        try:
+            low = model.encode_image(x.to(torch.bfloat16)).float()
+        finally:
+            model.to(torch.float32)
+    return float(F.cosine_similarity(ref, low, dim=-1).min())
+
+
+def _load(name: str, weights: ResolvedWeights):
+    """open_clip's model and preprocess; any failure to load the weights is one message."""
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights.pretrained,
+                                                                     **weights.preprocess_kwargs)
+    except Exception as e:  # noqa: BLE001 - torch, safetensors, pickle and open_clip each raise their own
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise ConfigError(f"--pretrained {weights.pretrained}: could not load it into {name} "
+                          f"({type(e).__name__}: {str(e)[:300]}). Is it an open_clip checkpoint of that "
+                          f"architecture (.safetensors, .bin or .pt)?") from None
+    return model, preprocess
 
 
 def create_teacher(name: str = "tiny-shapes", pretrained: Optional[str] = None, device: str = "auto",
                    precision: str = "auto", cache_dir: Optional[str] = None) -> Teacher:
     import open_clip
 
-    from ..config import default_cache_dir
+    from ..core.config import default_cache_dir
     from .tiny import register_model_configs
 
     register_model_configs()
     cache_dir = cache_dir or default_cache_dir()
     dev = resolve_device(device)
-    dtype = resolve_dtype(precision, dev)
     weights = resolve_weights(name, pretrained, cache_dir)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights.pretrained,
-                                                                     **weights.preprocess_kwargs)
-    except (RuntimeError, AssertionError, KeyError, ValueError) as e:
-        raise ConfigError(f"--pretrained {weights.pretrained}: could not load it into {name} "
-                          f"({type(e).__name__}: {str(e)[:300]}). "
-                          f"Is it a checkpoint of that architecture?") from None
+    model, preprocess = _load(name, weights)
     model.eval()
+    size = model.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def verify(candidate: str) -> bool:
+        cos = _bf16_agrees(model, size)
+        log.debug("teacher %s: min cosine bf16 vs fp32 = %.5f", name, cos)
+        return cos >= BF16_MIN_COSINE
+
+    dtype = dtype_of(resolve_precision(precision, dev, "teacher", verify))
     # On CUDA, autocast keeps norms in fp32; elsewhere low precision means low-precision weights.
     model.to(dev, dtype=dtype if dev.type != "cuda" else torch.float32)
     tokenizer = open_clip.get_tokenizer(name)

@@ -10,9 +10,12 @@ CNN image tower, a small text transformer, open_clip's standard tokenizer). Once
 
 Pre-training is CLIP's recipe in miniature: `open_clip.loss.ClipLoss` on (image, caption)
 pairs from `shapes10.generate_captioned`, AdamW with warmup and a cosine decay, a learnable
-logit scale. It is step-counted and seeded, so a config always gives the same teacher
-(up to float non-determinism across thread counts), and `ensure_tiny_teacher` caches it
-under a name that hashes the config.
+logit scale. It is step-counted, seeded and runs on a fixed number of threads (one): float
+sums are added in another order on another thread count, which gave another teacher (and a
+demo table 10 points off on one row) whenever the machine was busy. So a config gives a
+bit-identical teacher on every machine with the same CPU model, busy or idle;
+`ensure_tiny_teacher` caches it under a name that hashes the config, and its sha256 goes
+into the sidecar and the demo report.
 
 The image preprocessing is open_clip's default for a config without a pretrained tag (the
 OpenAI mean/std, bicubic resize to 32, centre crop). open_clip 3.3 takes mean/std from a
@@ -27,29 +30,21 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, NonFiniteLossError
+from ..core.errors import ConfigError, NonFiniteLossError
+from ..data.pixels import normalize_uint8
+
+log = logging.getLogger(__name__)
 
 TINY_NAME = "tiny-shapes"
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-
-# Zero-shot prompts for shapes10, averaged like open_clip's zero-shot classifiers
-# (`open_clip.build_zero_shot_classifier(model, tokenizer, classes, TINY_PROMPT_TEMPLATES)`).
-# Every class name starts with a consonant, so "a {}" is always grammatical.
-TINY_PROMPT_TEMPLATES: tuple[str, ...] = (
-    "a {}",
-    "a photo of a {}.",
-    "a drawing of a {}",
-    "a {} shape",
-)
 
 
 def register_model_configs() -> None:
@@ -73,11 +68,13 @@ class TinyTeacherConfig:
     n_captions: int = 20000  # (image, caption) pairs, reused over epochs
     caption_seed: int = 4004  # shapes10.CAPTION_SEED: a seed no evaluation split uses
     seed: int = 0  # weights init and batch order
+    threads: int = 1  # torch threads: fixed, since another count rounds differently (another teacher).
+    # One thread took 77 s on an idle 2-core EPYC (two: 73 s) and does not crawl beside a busy process.
     augment: bool = False  # random flips/transposes (the classes are invariant to them): off, as
     # they widen the pose distribution beyond shapes10's roughly upright objects and slow learning
 
     def __post_init__(self):
-        for name in ("size", "steps", "batch_size", "n_captions"):
+        for name in ("size", "steps", "batch_size", "n_captions", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"tiny teacher {name}={getattr(self, name)}: must be positive")
         if self.batch_size > self.n_captions:
@@ -91,17 +88,6 @@ class TinyTeacherConfig:
         blob = json.dumps({"cfg": asdict(self), "model_cfg": model_cfg, "data": shapes10.VERSION},
                           sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
-
-
-def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [N, H, W, 3] (already at the model's size) -> normalised float [N, 3, H, W].
-
-    Equals open_clip's eval preprocess (resize+crop are identities at size, ToTensor,
-    Normalize) applied to each PIL image, without the PIL round trip."""
-    x = images.permute(0, 3, 1, 2).float().div_(255)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s)
 
 
 def _dihedral(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -153,57 +139,26 @@ def create_tiny_model(size: int = 32):
     return model, preprocess, open_clip.get_tokenizer(TINY_NAME)
 
 
-def _cpu_times() -> tuple[int, int, int]:
-    """(idle, total) jiffies over all CPUs and the number of CPUs, from /proc/stat."""
-    with open("/proc/stat") as f:
-        lines = f.read().splitlines()
-    fields = [int(v) for v in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
-    n = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
-    return fields[3] + fields[4], sum(fields), n
-
-
-def _idle_cpus(sample_s: float = 0.3) -> int:
-    """CPUs this process may use, less those other processes keep busy right now.
-
-    On a shared machine, OpenMP threads that spin waiting for a descheduled sibling make
-    every step many times slower (measured on 2 cores: 1400 steps took 812 s with 2 threads
-    next to another busy process, ~90 s alone), so it is better to run on fewer threads."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-    try:
-        idle0, total0, n = _cpu_times()
-        time.sleep(sample_s)  # this process is idle meanwhile, so what is busy is someone else
-        idle1, total1, _ = _cpu_times()
-    except (OSError, ValueError, IndexError):
-        return cpus
-    idle = n * (idle1 - idle0) / max(1, total1 - total0)
-    return max(1, min(cpus, round(idle + 0.25)))
-
-
-def pretrain_tiny_teacher(cfg: TinyTeacherConfig, out_path: str | os.PathLike, progress: bool = True,
-                          threads: Optional[int] = None) -> dict:
+def pretrain_tiny_teacher(cfg: TinyTeacherConfig, out_path: str | os.PathLike, progress: bool = True) -> dict:
     """Pre-train `tiny-shapes` contrastively and write its state dict to `out_path`
     (`.safetensors`, or a torch file otherwise) plus a sidecar `.json` with the config and
     stats. Both are written atomically, sidecar first: the checkpoint's presence means done.
-    Returns the stats.
-
-    `threads` is not part of the config: it changes the speed, and the weights only by
-    float rounding. By default it is the CPUs that other processes leave idle (`_idle_cpus`)."""
+    Returns the stats, with the checkpoint's sha256."""
     import open_clip
     from open_clip.loss import ClipLoss
     from tqdm import tqdm
 
-    from ..atomic import torch_save, write_bytes, write_json
+    from safetensors.torch import save
+
+    from ..core.atomic import write_bytes, write_json
+    from ..core.state import tensors_sha256
     from ..data import shapes10
 
     t0 = time.perf_counter()
     images, captions, _ = shapes10.generate_captioned(cfg.n_captions, cfg.size, cfg.caption_seed)
     gen_seconds = time.perf_counter() - t0
-    threads = threads or _idle_cpus()
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(cfg.threads)
     try:
         torch.manual_seed(cfg.seed)
         model, _, tokenizer = create_tiny_model(cfg.size)
@@ -256,25 +211,22 @@ def pretrain_tiny_teacher(cfg: TinyTeacherConfig, out_path: str | os.PathLike, p
         "generate_seconds": round(gen_seconds, 2),
         "final_loss": float(np.mean(losses[-20:])),
         "logit_scale": float(model.logit_scale.exp().item()),
-        "threads": threads,
+        "threads": cfg.threads,
     }
     out_path = Path(out_path)
+    blob = save(state, metadata={"model": TINY_NAME, "config": json.dumps(asdict(cfg))})
+    stats["sha256"] = tensors_sha256(state)  # of the weights: the file's bytes vary with header order
     write_json(out_path.with_suffix(".json"), {
         "model": TINY_NAME,
         "config": asdict(cfg),
         "stats": stats,
         "classes": list(shapes10.CLASSES),
-        "prompt_templates": list(TINY_PROMPT_TEMPLATES),
+        "prompt_templates": list(shapes10.PROMPT_TEMPLATES),
         "preprocess": {k: pp[k] for k in ("size", "mean", "std", "interpolation", "resize_mode")},
         "open_clip": open_clip.__version__,
         "torch": torch.__version__,
     })
-    if out_path.suffix == ".safetensors":
-        from safetensors.torch import save
-
-        write_bytes(out_path, save(state, metadata={"model": TINY_NAME, "config": json.dumps(asdict(cfg))}))
-    else:
-        torch_save(out_path, state)
+    write_bytes(out_path, blob)
     return stats
 
 
@@ -284,7 +236,7 @@ def tiny_teacher_path(cache_dir: str | os.PathLike, cfg: Optional[TinyTeacherCon
 
 
 def ensure_tiny_teacher(cache_dir: str | os.PathLike, cfg: Optional[TinyTeacherConfig] = None,
-                        progress: bool = True, threads: Optional[int] = None) -> Path:
+                        progress: bool = True) -> Path:
     """The cached checkpoint for `cfg`, pre-training it on the first call only.
 
     Two processes racing here both train and the second `os.replace` wins with identical
@@ -292,15 +244,15 @@ def ensure_tiny_teacher(cache_dir: str | os.PathLike, cfg: Optional[TinyTeacherC
     cfg = cfg or TinyTeacherConfig()
     path = tiny_teacher_path(cache_dir, cfg)
     if not path.is_file():
-        print(f"tiny-shapes: first use, pre-training the teacher once (1-2 minutes on two CPU cores); it is cached "
-              f"as {path}", file=sys.stderr, flush=True)
-        pretrain_tiny_teacher(cfg, path, progress=progress, threads=threads)
+        log.info("tiny-shapes: first use, pre-training the teacher once (1-2 minutes on one CPU core); it is cached "
+                 "as %s", path)
+        pretrain_tiny_teacher(cfg, path, progress=progress)
     register_model_configs()  # so that the caller can open it by name right away
     return path
 
 
 def read_sidecar(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The config and stats written beside a checkpoint by `pretrain_tiny_teacher`."""
-    from ..atomic import read_json
+    from ..core.atomic import read_json
 
     return read_json(Path(checkpoint).with_suffix(".json"))

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import atomic
+from ..core.errors import ConfigError
+from ..core.state import StateFileError, read_state, write_state
+
+log = logging.getLogger(__name__)
 
 
 class TextHead(nn.Module):
@@ -99,7 +103,7 @@ def train_linear_probe(emb: np.ndarray, labels: np.ndarray, num_classes: int, cf
 
 
 def probe_path(cache_dir: str | Path, teacher_slug: str, dataset_slug: str, cfg: ProbeConfig) -> Path:
-    return Path(cache_dir) / "probes" / teacher_slug / dataset_slug / f"probe-{cfg.key()}.pt"
+    return Path(cache_dir) / "probes" / teacher_slug / dataset_slug / f"probe-{cfg.key()}.safetensors"
 
 
 def load_or_train_probe(path: Path, emb: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ProbeConfig,
@@ -111,15 +115,18 @@ def load_or_train_probe(path: Path, emb: np.ndarray, labels: np.ndarray, num_cla
     data_key = hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes() +
                             np.ascontiguousarray(emb[:, :4], dtype=np.float32).tobytes()).hexdigest()
     if path.exists():
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved.get("teacher") == teacher_fingerprint and saved.get("num_classes") == num_classes and \
-                saved.get("data") == data_key:
-            probe = nn.Linear(saved["dim"], num_classes)
-            probe.load_state_dict(saved["state_dict"])
-            return probe.eval(), saved["info"]
+        try:
+            saved = read_state(path, "linear probe")
+            if saved.get("teacher") == teacher_fingerprint and saved.get("num_classes") == num_classes and \
+                    saved.get("data") == data_key:
+                probe = nn.Linear(saved["dim"], num_classes)
+                probe.load_state_dict(saved["state_dict"])
+                return probe.eval(), saved["info"]
+        except (StateFileError, KeyError, RuntimeError) as e:  # only a cache: trained again
+            log.warning("the cached probe %s is not usable (%s); training it again", path, str(e)[:200])
     probe, info = train_linear_probe(emb, labels, num_classes, cfg)
-    atomic.torch_save(path, {"state_dict": probe.state_dict(), "info": info, "teacher": teacher_fingerprint,
-                             "dim": int(emb.shape[1]), "num_classes": num_classes, "data": data_key})
+    write_state(path, {"state_dict": probe.state_dict(), "info": info, "teacher": teacher_fingerprint,
+                       "dim": int(emb.shape[1]), "num_classes": num_classes, "data": data_key})
     return probe, info
 
 
@@ -138,3 +145,29 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tu
         m = labels == c
         per_class.append(float(correct[m].mean() * 100) if m.any() else float("nan"))
     return float(correct.mean() * 100), per_class
+
+
+# ----------------------------------------------------------------------------- heads as data
+
+def head_spec(kind: str, num_classes: int, dim: int, logit_scale: Optional[float] = None) -> dict:
+    """What a head is, without its weights: enough to rebuild it (`build_head`)."""
+    spec = {"kind": kind, "classes": int(num_classes), "dim": int(dim)}
+    if kind == "text":
+        spec["logit_scale"] = float(logit_scale)
+    return spec
+
+
+def build_head(spec: Optional[dict], state_dict: Optional[dict] = None) -> Optional[nn.Module]:
+    """A teacher head from its spec and weights; random weights when none are given (a
+    speed twin for benchmarks). None for no head."""
+    if not spec:
+        return None
+    if spec["kind"] == "text":
+        text = state_dict["text"] if state_dict is not None else torch.randn(spec["classes"], spec["dim"])
+        return TextHead(text, spec["logit_scale"]).eval()
+    if spec["kind"] == "linear":
+        head = nn.Linear(spec["dim"], spec["classes"])
+        if state_dict is not None:
+            head.load_state_dict(state_dict)
+        return head.eval()
+    raise ConfigError(f"unknown head kind {spec['kind']!r}; expected text or linear")

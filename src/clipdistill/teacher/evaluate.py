@@ -8,14 +8,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
-from . import atomic
-from .config import DataOptions, TeacherOptions, check, option, to_dict
+from ..core import atomic
+from ..core.config import check, option, to_dict
+from ..data.options import DataOptions
 from .heads import ProbeConfig, accuracy
-from .teacher.openclip_teacher import Teacher
-from .teacher_outputs import prepare_teacher_outputs
+from .openclip_teacher import Teacher
+from .options import TeacherOptions
+from .outputs import prepare_teacher_outputs
 
 
 @dataclasses.dataclass
@@ -25,7 +26,7 @@ class TeacherEvalConfig(TeacherOptions, DataOptions):
     probe_lr: float = option(3e-3, "linear probe Adam learning rate (the study: 3e-4, tuned for 512-d ViT-B-32 embeddings)")
     probe_batch_size: int = option(64, "linear probe batch size (the study: 64)")
     probe_holdout: float = option(0.1, "fraction of train held out to pick the probe's epoch (never the test split)")
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed (>= 0)")
     out: str = option("runs/teacher-eval", "folder for teacher_eval.json", metavar="DIR")
     progress: bool = option(True, "show progress bars")
 
@@ -37,16 +38,17 @@ class TeacherEvalConfig(TeacherOptions, DataOptions):
         check(self.probe_batch_size >= 1, "probe_batch_size", "must be >= 1")
         check(0 <= self.probe_holdout < 1, "probe_holdout", "must be in [0, 1)")
         check(self.logit_scale > 0, "logit_scale", "must be > 0")
+        check(self.seed >= 0, "seed", "must be >= 0")
 
     def probe_config(self) -> ProbeConfig:
         return ProbeConfig(lr=self.probe_lr, batch_size=self.probe_batch_size, epochs=self.probe_epochs,
                            holdout=self.probe_holdout, seed=self.seed)
 
 
-def teacher_eval(cfg: TeacherEvalConfig, teacher: Optional[Teacher] = None, log=print) -> dict:
+def teacher_eval(cfg: TeacherEvalConfig, teacher: Optional[Teacher] = None) -> dict:
     t0 = time.time()
     outs = prepare_teacher_outputs(cfg, cfg, ["train", "test"], probe=cfg.probe_config(), teacher=teacher,
-                                   progress=cfg.progress, log=log)
+                                   progress=cfg.progress)
     emb, labels = outs.labelled("test")
     x, y = torch.from_numpy(emb), torch.from_numpy(labels)
     keep = y >= 0

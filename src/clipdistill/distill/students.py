@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from ..core.errors import ConfigError
+from ..data.pixels import normalize, to_float
 
 
 def create_student(arch: str, out_dim: int, pretrained: bool = False) -> nn.Module:
@@ -25,7 +26,7 @@ def create_student(arch: str, out_dim: int, pretrained: bool = False) -> nn.Modu
                                                                        if close else "") +
                           " (all: python -c \"import timm; print(timm.list_models())\")")
     if pretrained:
-        from .network import reachable
+        from ..core.network import reachable
 
         if not reachable("huggingface.co"):
             # Offline, hub downloads retry for about a minute; the local HF cache still answers.
@@ -48,9 +49,7 @@ def prepare_images(images_u8: torch.Tensor, size: int, mean: float | tuple, std:
     """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size).
 
     Augmentations are drawn from `generator` so a resumed run draws the same ones."""
-    x = images_u8.permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    x = to_float(images_u8, size)
     if augment in ("flip", "flip-crop"):
         flip = torch.rand(x.shape[0], generator=generator) < 0.5
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
@@ -60,7 +59,5 @@ def prepare_images(images_u8: torch.Tensor, size: int, mean: float | tuple, std:
         dx = torch.randint(0, 2 * pad + 1, (x.shape[0],), generator=generator)
         dy = torch.randint(0, 2 * pad + 1, (x.shape[0],), generator=generator)
         x = torch.stack([xp[i, :, dy[i]:dy[i] + size, dx[i]:dx[i] + size] for i in range(x.shape[0])])
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)
-    x = (x - m) / s
+    x = normalize(x, mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,19 +1,25 @@
-"""`clipdistill eval --run DIR`: the final report of a student, on the test split.
+"""The final report of a student, on the test split (`clipdistill eval --run DIR`).
 
 Loads `best` (picked on validation), then measures top-1 accuracy overall and per class,
-and the agreement with the teacher's head, into DIR/result.json."""
+and the agreement with the teacher's head, into RUN/result.json; writes the timm-loadable
+student (portable.py) beside it."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
-import numpy as np
-import torch
+from ..core import atomic
+from ..core.config import check, option
+from ..core.errors import ConfigError, MissingResourceError
+from . import checkpoint
+from .config import TrainConfig
+from .portable import write_timm_student
+from .rundir import RunDir
+from .trainer import Trainer
 
-from . import atomic, checkpoint
-from .config import check, option
-from .errors import ConfigError, MissingResourceError
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -26,18 +32,19 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check(bool(self.run), "run", "give the run folder, e.g. --run runs/shapes10-resnet18-kl-linear-train")
         check(Path(self.run).is_dir(), "run", f"{self.run} is not a folder")
-        check((Path(self.run) / "config.json").is_file(), "run",
+        check(RunDir(self.run).exists(), "run",
               f"{self.run} has no config.json; is it a folder made by `clipdistill train`?")
 
 
-def evaluate_trainer(trainer, extra: dict | None = None) -> dict:
-    ck = trainer.run_dir / "checkpoints" / "best.pt"
-    state = checkpoint.load(ck)
+def evaluate_trainer(trainer: Trainer, extra: dict | None = None) -> dict:
+    run = trainer.run
+    run.check_format()
+    state = checkpoint.load(run.best)
     if state is None:
-        raise MissingResourceError(f"{ck} does not exist; train the run first")
+        raise MissingResourceError(f"{run.best} does not exist; train the run first")
     mismatch = trainer.resolved_mismatch(state)
     if "teacher" in mismatch:  # agreement and embedding heads must be the teacher the student learnt from
-        raise ConfigError(f"--run {trainer.run_dir} was trained with {mismatch}; evaluate it with the run's "
+        raise ConfigError(f"--run {run} was trained with {mismatch}; evaluate it with the run's "
                           f"--device/--cache-dir (or none of those overrides)")
     checkpoint.unwrap(trainer.model).load_state_dict(state["model"])
     # The head the student was trained and picked with, exactly as `export` folds it in.
@@ -52,6 +59,7 @@ def evaluate_trainer(trainer, extra: dict | None = None) -> dict:
         m = y == c
         per_class[name] = float((pred[m] == c).float().mean() * 100) if m.any() else None
     cfg = trainer.cfg
+    fp = trainer.outs.teacher.fingerprint()
     result = {
         "test_accuracy": acc,
         "teacher_agreement": float((pred == tpred).float().mean() * 100),
@@ -61,32 +69,42 @@ def evaluate_trainer(trainer, extra: dict | None = None) -> dict:
         "best_epoch": state["epoch"],
         f"val_{state['val_metric']}": state["best"],
         "epochs": cfg.epochs,
+        "seed": cfg.seed,
         "student": cfg.student,
-        "teacher": trainer.outs.teacher.fingerprint()["model"],
-        "teacher_weights": trainer.outs.teacher.fingerprint()["weights"],
+        "teacher": fp["model"],
+        "teacher_weights": fp["weights"],
+        "teacher_precision": fp["precision"],
+        "student_precision": trainer.precision,
         "method": trainer.method.spec,
         "head": trainer.head_name,
         "data": "+".join(cfg.data),
         "dataset": cfg.dataset,
-        "run_dir": str(trainer.run_dir),
+        "run_dir": str(run),
+        "timm_student": str(run.student),
         **(extra or {}),
     }
     if trainer.dist.is_main:
-        atomic.write_json(trainer.run_dir / "result.json", result)
+        write_timm_student(run, state)
+        atomic.write_json(run.result, result)
     return result
 
 
-def evaluate_run(cfg: EvalConfig, log=print) -> dict:
-    from .train import TrainConfig, Trainer
-
-    saved = atomic.read_json(Path(cfg.run) / "config.json")
+def evaluate_run(cfg: EvalConfig) -> dict:
+    run = RunDir(cfg.run)
+    run.check_format()
+    saved = run.read_config()
     overrides = {"progress": cfg.progress, "out": cfg.run}
     if cfg.cache_dir:
         overrides["cache_dir"] = cfg.cache_dir
     if cfg.device:
         overrides["device"] = cfg.device
-    tcfg = TrainConfig(**{**saved, **overrides})
-    trainer = Trainer(tcfg, log=log)
-    prev = atomic.read_json(Path(cfg.run) / "result.json") if (Path(cfg.run) / "result.json").exists() else {}
-    keep = {k: prev[k] for k in ("train_seconds", "wall_seconds") if k in prev}
-    return evaluate_trainer(trainer, extra=keep)
+    try:
+        tcfg = TrainConfig(**{**saved, **overrides})
+    except TypeError as e:
+        raise ConfigError(f"--run {run}: its config.json does not match this version of clipdistill ({e}); "
+                          f"train it again") from None
+    with run.lock():
+        trainer = Trainer(tcfg)
+        prev = run.read_result() or {}
+        keep = {k: prev[k] for k in ("train_seconds", "wall_seconds") if k in prev}
+        return evaluate_trainer(trainer, extra=keep)

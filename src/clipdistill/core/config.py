@@ -45,10 +45,12 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag` per field of the dataclass `cls`, with its help, default and type.
+    List fields take comma-separated values and may be repeated (`--model a --model b`)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name.startswith("_"):
+        if f.name.startswith("_"):
             continue
         tp, _ = _unwrap_optional(hints[f.name])
         meta = f.metadata
@@ -64,16 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple):
             (item,) = typing.get_args(tp)[:1]
-            kwargs["type"] = _list_parser(item, f.name)
+            kwargs["type"] = _list_parser(item)
+            kwargs["action"] = "extend"
             kwargs.setdefault("metavar", "A,B,...")
         else:
-            kwargs["type"] = _scalar_parser(tp, f.name)
+            kwargs["type"] = _scalar_parser(tp)
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
         parser.add_argument(flag_name(f.name), **kwargs)
 
 
-def _scalar_parser(tp: Any, name: str):
+def _scalar_parser(tp: Any):
     if tp in (int, float, str):
         def parse(text: str, tp=tp):
             try:
@@ -85,8 +88,8 @@ def _scalar_parser(tp: Any, name: str):
     return str
 
 
-def _list_parser(item: Any, name: str):
-    scalar = _scalar_parser(item, name)
+def _list_parser(item: Any):
+    scalar = _scalar_parser(item)
 
     def parse(text: str):
         return [scalar(t.strip()) for t in text.split(",") if t.strip()]
@@ -105,59 +108,21 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Fields that may differ between a job and its resumption (or reuse) without changing its
+# result: where files are, how the machine runs it, how it reports. Everything else must be
+# equal for a run, a cached teacher evaluation or a report row to be continued or reused.
+RUNTIME_FIELDS = frozenset({"resume", "progress", "workers", "out", "device", "cache_dir", "embed_batch_size",
+                            "data_root"})
+
+
+def config_diff(saved: dict, now: dict) -> list[str]:
+    """`--flag: X in the run, Y now` for every result-changing field that differs."""
+    keys = sorted((set(saved) | set(now)) - RUNTIME_FIELDS)
+    return [f"{flag_name(k)}: {saved.get(k)!r} in the run, {now.get(k)!r} now" for k in keys
+            if saved.get(k) != now.get(k)]
+
+
 def check(condition: bool, field_name: str, message: str) -> None:
     """Raise a ConfigError that names the flag a user would type."""
     if not condition:
         raise ConfigError(f"{flag_name(field_name)}: {message}")
-
-
-# --------------------------------------------------------------------------- shared groups
-
-@dataclasses.dataclass
-class TeacherOptions:
-    """Which teacher, where it runs, how its outputs are cached."""
-
-    teacher: str = option("tiny-shapes", "open_clip model name (ViT-B-32, ...) or tiny-shapes, the offline teacher",
-                          metavar="NAME")
-    pretrained: Optional[str] = option(None, "open_clip pretrained tag (laion2b_s34b_b79k) or a local checkpoint "
-                                             "file; default: the model's usual weights", metavar="TAG|PATH")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
-    precision: str = option("auto", "teacher precision: auto (fp16 on CUDA, fp32 on CPU), fp32, bf16, fp16",
-                            choices=["auto", "fp32", "bf16", "fp16"])
-    cache_dir: str = option(default_factory=default_cache_dir,
-                            help="where datasets, teachers and embeddings are cached ($CLIPDISTILL_CACHE)",
-                            metavar="DIR")
-    embed_batch_size: int = option(256, "images per teacher batch when embedding")
-    workers: int = option(-1, "DataLoader worker processes; -1 picks from the core count")
-
-    def _check_teacher(self) -> None:
-        check(self.embed_batch_size >= 1, "embed_batch_size", "must be >= 1")
-        check(self.workers >= -1, "workers", "must be -1 (auto) or >= 0")
-
-
-@dataclasses.dataclass
-class DataOptions:
-    """Which dataset and where its files are."""
-
-    dataset: str = option("shapes10", "stl10, shapes10 (offline synthetic) or folder", metavar="NAME")
-    data_root: Optional[str] = option(None, "dataset files (stl10: the folder holding stl10_binary/; folder: the "
-                                            "image folder); default: CACHE_DIR/data", metavar="DIR")
-    image_size: int = option(32, "shapes10 only: side of the generated images in pixels (STL10 is 96)")
-    max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials")
-    prompts: Optional[str] = option(None, "text file with one prompt per class, in class order; default: the "
-                                          "dataset's own prompts", metavar="FILE")
-
-    templates: Optional[str] = option(None, "text file of prompt templates, one per line with {} where the prompt "
-                                            "goes (averaged as in open_clip's zero-shot classifier); default: the "
-                                            "dataset's own, or none", metavar="FILE")
-
-    def _check_data(self) -> None:
-        from .data.datasets import DATASETS
-
-        DATASETS.get(self.dataset)  # unknown names fail before any teacher is loaded
-        check(self.image_size >= 8, "image_size", "must be >= 8 pixels")
-        check(self.max_images >= 0, "max_images", "must be >= 0 (0 = all)")
-        for name in ("prompts", "templates"):
-            value = getattr(self, name)
-            if value is not None:
-                check(Path(value).is_file(), name, f"{value} is not a file; give a text file with one entry per line")

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .registry import Registry
+from ..core.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +46,6 @@ TARGETS.add("cpu", Int8Target("cpu", "uint8", False,
 TARGETS.add("tensorrt", Int8Target("tensorrt", "int8", True,
                                    "symmetric int8 activations, int8 per-channel weights (S8S8): the QDQ form "
                                    "TensorRT requires; about fp32 speed in ONNX Runtime on a CPU"))
-
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-
 
 def _reader(x: np.ndarray, input_name: str, batch_size: int):
     from onnxruntime.quantization import CalibrationDataReader

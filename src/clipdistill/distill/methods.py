@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .registry import Registry
+from ..core.errors import ConfigError
+from ..core.registry import Registry
 
 
 # ----------------------------------------------------------------------------- loss functions
@@ -132,6 +132,9 @@ class Method:
         if len(weights) != len(names):
             raise ConfigError(f"--loss-weights: {len(weights)} weights for {len(names)} terms of {spec!r}; "
                               f"give one per term, e.g. --loss-weights {','.join(['1'] * len(names))}")
+        if any(not (w >= 0) for w in weights) or not any(w > 0 for w in weights):
+            raise ConfigError(f"--loss-weights {','.join(map(str, weights))}: every weight must be >= 0 (a negative "
+                              f"weight maximises its term) and at least one > 0")
         self.weights = weights
         self.spec = "+".join(names)
 

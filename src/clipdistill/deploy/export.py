@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import sys
 import tempfile
 import time
@@ -30,10 +32,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import atomic, checkpoint
-from .config import check, default_cache_dir, option
-from .errors import ClipDistillError, ConfigError, MissingResourceError
+from ..core import atomic
+from ..core.config import check, default_cache_dir, option
+from ..core.errors import ClipDistillError, ConfigError, MissingResourceError
+from ..distill import checkpoint
+from ..distill.rundir import RunDir
+from ..teacher.heads import build_head, head_spec
 from .predict import METADATA_KEY, run_batches, session
+
+log = logging.getLogger(__name__)
 
 FORMAT = "clipdistill-onnx/1"
 EXPORTERS = ("torchscript", "dynamo")
@@ -84,7 +91,9 @@ class ExportConfig:
               "give the run folder of a student (--run runs/RUN) or a teacher (--teacher ViT-B-32)")
         if self.run:
             check(Path(self.run).is_dir(), "run", f"{self.run} is not a folder")
-            ck = Path(self.run) / "checkpoints" / f"{self.checkpoint}.pt"
+            run = RunDir(self.run)
+            run.check_format()
+            ck = run.checkpoint(self.checkpoint)
             check(ck.is_file(), "run", f"{ck} does not exist; is {self.run} a run made by `clipdistill train`, and "
                                        f"has it finished an epoch?")
         check(self.pretrained is None or bool(self.teacher), "pretrained", "only applies with --teacher")
@@ -131,47 +140,23 @@ class Deployable(nn.Module):
         return self.head(y) if self.head is not None else y
 
 
-def _head_spec(th: dict, num_classes: int, dim: int) -> dict:
-    spec = {"kind": th["kind"], "classes": int(num_classes), "dim": int(dim)}
-    if th["kind"] == "text":
-        spec["logit_scale"] = float(th["logit_scale"])
-    return spec
-
-
-def make_head(spec: Optional[dict], state_dict: Optional[dict] = None) -> Optional[nn.Module]:
-    """A teacher head from its spec; random when no weights are given (for speed twins)."""
-    from .heads import TextHead
-
-    if not spec:
-        return None
-    if spec["kind"] == "text":
-        text = state_dict["text"] if state_dict is not None else torch.randn(spec["classes"], spec["dim"])
-        return TextHead(text, spec["logit_scale"]).eval()
-    if spec["kind"] == "linear":
-        head = nn.Linear(spec["dim"], spec["classes"])
-        if state_dict is not None:
-            head.load_state_dict(state_dict)
-        return head.eval()
-    raise ConfigError(f"unknown head kind {spec['kind']!r} in the checkpoint; expected text or linear")
-
-
 def build_module(arch: dict) -> nn.Module:
     """The exported architecture with random weights: the same speed and memory as the
     trained one, which is all `bench --backend torch` needs (it holds no checkpoint)."""
     if arch["kind"] == "timm":
-        from .students import create_student
+        from ..distill.students import create_student
 
         enc = create_student(arch["name"], arch["out_dim"])
     elif arch["kind"] == "open_clip":
         import open_clip
 
-        from .teacher.tiny import register_model_configs
+        from ..teacher.tiny import register_model_configs
 
         register_model_configs()
         enc = _ImageEncoder(open_clip.create_model(arch["name"], pretrained=None))
     else:
         raise ConfigError(f"unknown architecture kind {arch['kind']!r}")
-    return Deployable(enc, make_head(arch.get("head"))).eval()
+    return Deployable(enc, build_head(arch.get("head"))).eval()
 
 
 @dataclasses.dataclass
@@ -190,9 +175,10 @@ def _student_input(size: int, mean: float, std: float) -> dict:
 
 def load_student(run: str | Path, which: str = "best", size: int = 0) -> tuple[Loaded, dict]:
     """(the student with its head folded in, the raw checkpoint)."""
-    from .students import create_student
+    from ..distill.students import create_student
 
-    path = Path(run) / "checkpoints" / f"{which}.pt"
+    rundir = RunDir(run)
+    path = rundir.checkpoint(which)
     state = checkpoint.load(path)
     if state is None:
         raise MissingResourceError(f"{path} does not exist; train the run first")
@@ -201,21 +187,20 @@ def load_student(run: str | Path, which: str = "best", size: int = 0) -> tuple[L
     out_dim = n_cls if output == "logits" else dim
     student = create_student(cfg["student"], out_dim)
     student.load_state_dict(state["model"])
-    head_spec, head = None, None
+    spec, head = None, None
     if output == "embedding":
         th = state["teacher_head"]
-        head_spec = _head_spec(th, n_cls, dim)
-        head = make_head(head_spec, th["state_dict"])
+        spec = head_spec(th["kind"], n_cls, dim, th.get("logit_scale"))
+        head = build_head(spec, th["state_dict"])
     elif output != "logits":
         raise ConfigError(f"{path}: unknown student output {output!r}")
     trained = int(state["size"])
     side = size or trained
-    result_path = Path(run) / "result.json"
-    result = atomic.read_json(result_path) if result_path.exists() else {}
+    result = rundir.read_result() or {}
     info = {
         "role": "student", "name": cfg["student"], "output": "logits", "student_output": output,
-        "head": head_spec["kind"] if head_spec else "none",
-        "arch": {"kind": "timm", "name": cfg["student"], "out_dim": out_dim, "head": head_spec},
+        "head": spec["kind"] if spec else "none",
+        "arch": {"kind": "timm", "name": cfg["student"], "out_dim": out_dim, "head": spec},
         "num_classes": n_cls, "embed_dim": dim, "classes": list(state["classes"]),
         "prompts": list(state.get("prompts") or []), "teacher": state.get("teacher"),
         "method": state.get("method"), "dataset": cfg.get("dataset"), "trained_size": trained,
@@ -251,7 +236,7 @@ def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, r
     """The teacher's image encoder (plus the run's head when a run is given)."""
     import open_clip
 
-    from .teacher.tiny import register_model_configs
+    from ..teacher.tiny import register_model_configs
 
     register_model_configs()
     if pretrained == "random":
@@ -261,14 +246,14 @@ def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, r
         fingerprint = {"model": name, "weights": "random (architecture only: speed and memory, not accuracy)",
                        "preprocess": repr(preprocess), "precision": "fp32"}
     else:
-        from .teacher.openclip_teacher import create_teacher
+        from ..teacher.openclip_teacher import create_teacher
 
         t = create_teacher(name, pretrained, device="cpu", precision="fp32", cache_dir=cache_dir)
         model, preprocess, fingerprint = t.model, t.preprocess, t.fingerprint()
     model = model.float().eval()
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    head_spec, head, info = None, None, {}
+    spec, head, info = None, None, {}
     if run_state is not None:
         run_teacher = (run_state.get("teacher") or {}).get("model")
         if run_teacher != name:
@@ -280,14 +265,14 @@ def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, r
                               f"{fingerprint.get('weights')}; its head only fits those (leave --pretrained out "
                               f"to use the run's)")
         th = run_state["teacher_head"]
-        head_spec = _head_spec(th, run_state["num_classes"], run_state["embed_dim"])
-        head = make_head(head_spec, th["state_dict"])
+        spec = head_spec(th["kind"], run_state["num_classes"], run_state["embed_dim"], th.get("logit_scale"))
+        head = build_head(spec, th["state_dict"])
         info = {"classes": list(run_state["classes"]), "prompts": list(run_state.get("prompts") or []),
                 "num_classes": int(run_state["num_classes"]), "dataset": run_state["config"].get("dataset")}
     return Loaded(Deployable(_ImageEncoder(model), head).eval(), {
         "role": "teacher", "name": name, "output": "logits" if head is not None else "embedding",
-        "head": head_spec["kind"] if head_spec else "none",
-        "arch": {"kind": "open_clip", "name": name, "head": head_spec},
+        "head": spec["kind"] if spec else "none",
+        "arch": {"kind": "open_clip", "name": name, "head": spec},
         "teacher": fingerprint, "embed_dim": int(getattr(model.visual, "output_dim", 0) or 0) or None,
         "trained_size": size, "input": _clip_input(preprocess, size),
         "source": {"kind": "open_clip", "name": name, "pretrained": pretrained}, **info})
@@ -296,7 +281,7 @@ def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, r
 # ----------------------------------------------------------------------------- data
 
 def _data_root(cfg: dict, cache_dir: str) -> str:
-    from .data.datasets import default_data_root
+    from ..data.datasets import default_data_root
 
     if cfg.get("data_root"):
         return cfg["data_root"]
@@ -305,27 +290,26 @@ def _data_root(cfg: dict, cache_dir: str) -> str:
 
 def _split(cfg: dict, split: str, cache_dir: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images N,H,W,3 at the run's native size, labels) of one split of the run's dataset."""
-    from .data.datasets import create_dataset
-    from .train_data import images_of
+    from ..data.datasets import create_dataset
 
     ds = create_dataset(cfg["dataset"], split, _data_root(cfg, cache_dir), image_size=cfg.get("image_size", 32))
-    return images_of(ds, size, progress=False), np.asarray(ds.targets, dtype=np.int64)
+    return ds.pixels(size), np.asarray(ds.targets, dtype=np.int64)
 
 
 def _shapes10_test(n: int, size: int) -> np.ndarray:
     """Real (rendered) images for a check when the run's own data is not on this machine."""
-    from .data.shapes10 import SPLITS, generate
+    from ..data.shapes10 import SPLITS, generate
 
     return generate("test", n, size, SPLITS["test"].seed)[0]
 
 
 def _student_pixels(images_u8: np.ndarray, info: dict) -> np.ndarray:
-    from .students import prepare_images
+    from ..data.pixels import normalize_uint8
 
     spec = info["input"]
     with torch.no_grad():
-        x = prepare_images(torch.from_numpy(np.ascontiguousarray(images_u8)), spec["size"], spec["mean"][0],
-                           spec["std"][0])
+        x = normalize_uint8(torch.from_numpy(np.ascontiguousarray(images_u8)), spec["mean"], spec["std"],
+                            spec["size"])
     return x.numpy()
 
 
@@ -338,7 +322,7 @@ def _teacher_pixels(images_u8: np.ndarray, preprocess_spec: dict) -> np.ndarray:
     return np.stack([preprocess(Image.fromarray(im), preprocess_spec) for im in images_u8])
 
 
-def parity_inputs(loaded: Loaded, run_cfg: Optional[dict], n: int, cache_dir: str, log) -> tuple[np.ndarray, str]:
+def parity_inputs(loaded: Loaded, run_cfg: Optional[dict], n: int, cache_dir: str) -> tuple[np.ndarray, str]:
     """`n` real test images, prepared as the model expects, and where they came from."""
     images, where = None, ""
     if run_cfg is not None:
@@ -346,7 +330,8 @@ def parity_inputs(loaded: Loaded, run_cfg: Optional[dict], n: int, cache_dir: st
             test, _ = _split(run_cfg, "test", cache_dir, loaded.info.get("trained_size"))
             images, where = test[:n], f"{run_cfg['dataset']} test"
         except (MissingResourceError, ConfigError, OSError) as e:
-            log(f"warning: the run's test images are not available here ({e}); checking parity on shapes10 images")
+            log.warning("warning: the run's test images are not available here (%s); checking parity on shapes10 "
+                        "images", e)
     if images is None:
         images, where = _shapes10_test(n, 96), "shapes10 test (rendered)"
     if loaded.info["role"] == "student":
@@ -468,13 +453,12 @@ def default_out(cfg: ExportConfig, loaded: Loaded) -> Path:
         return Path(cfg.out)
     if cfg.run:
         if cfg.teacher:
-            return Path(cfg.run) / "teacher.onnx"
-        size = loaded.info["input"]["size"]
-        return Path(cfg.run) / ("model.onnx" if size == loaded.info["trained_size"] else f"model-{size}px.onnx")
+            return RunDir(cfg.run).teacher_onnx
+        return RunDir(cfg.run).onnx(loaded.info["input"]["size"], loaded.info["trained_size"])
     return Path(f"{cfg.teacher}{'-random' if cfg.pretrained == 'random' else ''}.onnx")
 
 
-def export(cfg: ExportConfig, log=print) -> dict:
+def export(cfg: ExportConfig) -> dict:
     """Write the ONNX file (and, with int8, its quantized copy); return what was done."""
     state = None
     run_cfg = None
@@ -492,12 +476,14 @@ def export(cfg: ExportConfig, log=print) -> dict:
     out = default_out(cfg, loaded)
     info = loaded.info
     size = info["input"]["size"]
-    x, where = parity_inputs(loaded, run_cfg, cfg.parity_images, cfg.cache_dir, log)
+    x, where = parity_inputs(loaded, run_cfg, cfg.parity_images, cfg.cache_dir)
     with torch.no_grad():
         reference = loaded.module(torch.from_numpy(x)).numpy()
     out.parent.mkdir(parents=True, exist_ok=True)
+    for p in atomic.remove_stale_temporaries(out.parent):
+        log.info("removed %s, left by a killed export", p)
     result: dict = {"path": str(out), "sidecar": str(sidecar_path(out))}
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".export-{os.getpid()}-", dir=out.parent) as tmp:
         tmp_path = Path(tmp) / "model.onnx"
         exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, cfg.exporter, cfg.opset)
         sess = session(tmp_path, cfg.threads)
@@ -508,17 +494,17 @@ def export(cfg: ExportConfig, log=print) -> dict:
         parity.update({"inputs": where, "batch_sizes": [int(len(x)), 1], "backend": "onnxruntime CPU"})
         info = {**info, "format": FORMAT, "precision": "fp32", "exporter": exp, "parity": parity,
                 "onnxruntime": __import__("onnxruntime").__version__}
-        log(f"parity: max abs diff {parity['max_abs_diff']:.3g} over {parity['images']} {where} images "
-            f"(tolerance {parity['tolerance']:.3g}), top-1 agreement {parity['top1_agreement']:.1f}%")
+        log.info("parity: max abs diff %.3g over %d %s images (tolerance %.3g), top-1 agreement %.1f%%",
+                 parity["max_abs_diff"], parity["images"], where, parity["tolerance"], parity["top1_agreement"] or 0)
         if cfg.int8:
-            result["int8"] = _int8(cfg, run_cfg, info, tmp_path, sess, out, log)
+            result["int8"] = _int8(cfg, run_cfg, info, tmp_path, sess, out)
         _write(tmp_path, out, info)
-    log(f"wrote {out} ({info['role']} {info['name']}, {size} px, {info['output']} "
-        f"{info.get('num_classes') or info.get('embed_dim')}; {exp['call']}) and {sidecar_path(out).name}")
+    log.info("wrote %s (%s %s, %d px, %s %s; %s) and %s", out, info["role"], info["name"], size, info["output"],
+             info.get("num_classes") or info.get("embed_dim"), exp["call"], sidecar_path(out).name)
     if info["role"] == "student" and size != info["trained_size"]:
-        log(f"note: the student learnt at {info['trained_size']} px; at {size} px it computes the same network "
-            f"(speed and memory at this size are right) but its accuracy does not carry over: deploy the "
-            f"{info['trained_size']} px export, or train at {size} px (--student-size {size})")
+        log.warning("note: the student learnt at %d px; at %d px it computes the same network (speed and memory at "
+                    "this size are right) but its accuracy does not carry over: deploy the %d px export, or train "
+                    "at %d px (--student-size %d)", info["trained_size"], size, info["trained_size"], size, size)
     result.update({"parity": parity, "info": info})
     if result.get("int8") and result["int8"]["accuracy_drop"] > cfg.max_drop:
         q = result["int8"]
@@ -529,14 +515,14 @@ def export(cfg: ExportConfig, log=print) -> dict:
     return result
 
 
-def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_sess, out: Path, log) -> dict:
+def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_sess, out: Path) -> dict:
     from .quantize import quantize_int8
 
     q_out = int8_path(out, cfg.int8_target)
     calib = calibration_images(run_cfg, info, cfg.calib_images, cfg.cache_dir)
-    with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".int8-{os.getpid()}-", dir=out.parent) as tmp:
         q_tmp = Path(tmp) / "model.int8.onnx"
-        log(f"int8 ({cfg.int8_target}): calibrating on {len(calib)} training images ({cfg.calib_method})")
+        log.info("int8 (%s): calibrating on %d training images (%s)", cfg.int8_target, len(calib), cfg.calib_method)
         qinfo = quantize_int8(fp32_path, q_tmp, calib, cfg.int8_target, cfg.calib_method)
         test, labels = _split(run_cfg, "test", cfg.cache_dir, info["trained_size"])
         pick = _subset(len(test), cfg.eval_images, seed=0)
@@ -549,9 +535,9 @@ def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_se
              "accuracy_drop": drop, "agreement_with_fp32": float((p32 == p8).mean() * 100),
              "eval_images": int(len(pick)), "eval_split": f"{run_cfg['dataset']} test", "max_drop": cfg.max_drop,
              "within_bound": bool(drop <= cfg.max_drop), **qinfo}
-        log(f"int8 ({cfg.int8_target}): test accuracy {acc32:.2f}% (fp32 ONNX) -> {acc8:.2f}% (int8), "
-            f"{-drop:+.2f} points on {len(pick)} images (allowed drop: {cfg.max_drop:g}), top-1 agreement "
-            f"{q['agreement_with_fp32']:.1f}% [{time.time() - t0:.1f} s]")
+        log.info("int8 (%s): test accuracy %.2f%% (fp32 ONNX) -> %.2f%% (int8), %+.2f points on %d images (allowed "
+                 "drop: %g), top-1 agreement %.1f%% [%.1f s]", cfg.int8_target, acc32, acc8, -drop, len(pick),
+                 cfg.max_drop, q["agreement_with_fp32"], time.time() - t0)
         if not q["within_bound"]:  # kept for inspection, under a name nothing picks up by mistake
             q_out.unlink(missing_ok=True)
             q_out = q_out.with_name(q_out.name[:-len(".onnx")] + ".rejected.onnx")
@@ -562,19 +548,14 @@ def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_se
         _write(q_tmp, q_out, q_info)
     info["int8_model"] = q_out.name
     info["accuracy"] = {**info.get("accuracy", {}), "onnx_fp32_test_accuracy": acc32, "eval_images": int(len(pick))}
-    log(f"wrote {q_out} and {sidecar_path(q_out).name}")
+    log.info("wrote %s and %s", q_out, sidecar_path(q_out).name)
     return q
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def cli_args(p) -> None:
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-
-
 def run_cli(cfg: ExportConfig, args) -> int:
-    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
-    res = export(cfg, log=log)
+    res = export(cfg)
     if args.json:
         print(json.dumps({k: v for k, v in res.items() if k != "info"}, default=str))
     return 0

@@ -7,45 +7,13 @@ fancy-index per batch instead of a file open per sample (the study `torch.load`e
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .heads import split_holdout
-
-FOLDER_STUDENT_SIZE = 96
-
-
-def images_of(ds, size: Optional[int] = None, progress: bool = True) -> np.ndarray:
-    """The dataset's pixels as uint8 (N, H, W, 3). Folder datasets are decoded once (at
-    `size`, default 96 px) and kept; unreadable files become black images, which the
-    cache's valid mask keeps out of training."""
-    if hasattr(ds, "data"):
-        return ds.data
-    cached = getattr(ds, "_student_pixels", None)
-    size = size or FOLDER_STUDENT_SIZE
-    if cached is not None and cached.shape[1] == size:
-        return cached
-    from tqdm import tqdm
-
-    out = np.zeros((len(ds), size, size, 3), dtype=np.uint8)
-
-    def load(i: int) -> None:
-        try:
-            img, _ = ds[i]
-            out[i] = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
-        except Exception:  # noqa: BLE001 - reported when the cache was built
-            pass
-
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        list(tqdm(pool.map(load, range(len(ds))), total=len(ds), desc="decode images", disable=not progress,
-                  unit="img"))
-    ds._student_pixels = out
-    return out
+from ..teacher.heads import split_holdout
 
 
 @dataclass
@@ -65,7 +33,9 @@ class Rows:
 class StudentData:
     def __init__(self, outs, splits: list[str], student_size: Optional[int], progress: bool = True):
         self.names = list(splits)
-        self.images = [images_of(outs.datasets[s], student_size, progress) for s in self.names]
+        # Datasets with pixels in memory hand them over as they are (batches are resized on the
+        # fly); folders decode their files once at the student's side.
+        self.images = [outs.datasets[s].pixels(student_size, progress) for s in self.names]
         self.labels = [np.asarray(outs.datasets[s].targets, dtype=np.int64) for s in self.names]
         self.emb = [outs.caches[s].embeddings for s in self.names]
         self.valid = [outs.caches[s].valid_indices() for s in self.names]

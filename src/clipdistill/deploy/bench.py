@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import re
@@ -30,17 +31,17 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .config import check, option
-from .errors import ClipDistillError, ConfigError
-from .registry import Registry
+from ..core.config import check, option
+from ..core.errors import ClipDistillError, ConfigError
+from ..core.registry import Registry
 
-FIELDS = ("model", "backend", "batch", "size", "precision", "fps", "latency_ms_p50", "latency_ms_p99", "memory_mb")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class BenchConfig:
-    models: list[str] = option(default_factory=list, help="ONNX files to measure, comma-separated (or repeat "
-                                                          "--model FILE)")
+    model: list[str] = option(default_factory=list, help="ONNX files to measure: repeat --model FILE (student and "
+                                                         "teacher), or comma-separate them", metavar="FILE")
     backend: list[str] = option(default_factory=lambda: ["ort-cpu"],
                                 help="backends, comma-separated: ort-cpu, ort-cuda, ort-trt, torch, trtexec")
     batch: int = option(8, "images per batch (the study: 8)")
@@ -374,7 +375,7 @@ def measure(spec: dict, timeout: float) -> dict:
     # to run. A fixed threshold returns freed buffers, so the peak is what the model holds.
     env = {"MALLOC_MMAP_THRESHOLD_": "131072", **os.environ, "PYTHONWARNINGS": "ignore"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "clipdistill.bench", "--worker", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "clipdistill.deploy.bench", "--worker", json.dumps(spec)],
                               capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -384,10 +385,10 @@ def measure(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def bench(cfg: BenchConfig, log=print) -> dict:
+def bench(cfg: BenchConfig) -> dict:
     """Measure every model on every backend; write cfg.out; return records and ratios."""
-    check(bool(cfg.models), "model", "give at least one ONNX file, e.g. --model student.onnx --model teacher.onnx")
-    models = [describe_model(m) for m in cfg.models]
+    check(bool(cfg.model), "model", "give at least one ONNX file, e.g. --model student.onnx --model teacher.onnx")
+    models = [describe_model(m) for m in cfg.model]
     sizes = [_row_size(cfg, m) for m in models]
     machine = _machine()
     records = []
@@ -402,7 +403,7 @@ def bench(cfg: BenchConfig, log=print) -> dict:
             reason = _skip_reason(backend, m)
             if reason:
                 rec["skipped"] = reason
-                log(f"skipped {backend} for {Path(m['path']).name}: {reason}")
+                log.info("skipped %s for %s: %s", backend, Path(m["path"]).name, reason)
                 records.append(rec)
                 continue
             spec = {"model": m["path"], "backend": backend, "batch": cfg.batch, "size": size,
@@ -413,14 +414,14 @@ def bench(cfg: BenchConfig, log=print) -> dict:
             got = measure(spec, timeout=cfg.max_seconds * 3 + 600)
             if "error" in got:
                 rec["error"] = got["error"]
-                log(f"failed {backend} for {Path(m['path']).name}: {got['error']}")
+                log.warning("failed %s for %s: %s", backend, Path(m["path"]).name, got["error"])
             else:
                 rec.update(got)
-                log(f"{Path(m['path']).name} [{backend}, {rec['precision']}, {size} px, batch {cfg.batch}]: "
-                    f"{rec['fps']:.1f} img/s, p50 {rec['latency_ms_p50']:.1f} ms, "
-                    f"memory {_fmt(rec['memory_mb'], '.0f')} MB")
+                log.info("%s [%s, %s, %d px, batch %d]: %.1f img/s, p50 %.1f ms, memory %s MB", Path(m["path"]).name,
+                         backend, rec["precision"], size, cfg.batch, rec["fps"], rec["latency_ms_p50"],
+                         _fmt(rec["memory_mb"], ".0f"))
             records.append(rec)
-    from . import atomic
+    from ..core import atomic
 
     atomic.write_json(cfg.out, records)
     return {"records": records, "ratios": ratios(records), "out": cfg.out}
@@ -489,15 +490,8 @@ def ratio_lines(rs: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 
-def cli_args(p) -> None:
-    p.add_argument("--model", action="append", default=[], dest="model_files", metavar="FILE",
-                   help="an ONNX file to measure; repeat for several (student and teacher)")
-    p.add_argument("--json", action="store_true", help="print records and ratios as one JSON object on stdout")
-
-
 def run_cli(cfg: BenchConfig, args) -> int:
-    cfg = dataclasses.replace(cfg, models=list(cfg.models) + list(getattr(args, "model_files", [])))
-    res = bench(cfg, log=lambda *a: print(*a, file=sys.stderr))
+    res = bench(cfg)
     failed = [r for r in res["records"] if r.get("error")]
     # Exit 1 when a row failed (a skipped backend is not a failure): scripts must not take
     # a table of errors for a measurement.

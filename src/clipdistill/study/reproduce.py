@@ -5,15 +5,18 @@ report. One teacher is loaded at most once, and only if something needs it."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import platform
 import time
 from pathlib import Path
 from typing import Optional
 
-from . import atomic
-from .config import check, default_cache_dir, option, to_dict
+from ..core import atomic
+from ..core.config import RUNTIME_FIELDS, check, config_diff, default_cache_dir, option, to_dict
 from .experiments import EXPERIMENTS, SUITES, build_config, select
 from .report import record, write_report
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -58,17 +61,31 @@ class DemoConfig:
                                epochs=self.epochs, progress=self.progress, device="cpu")
 
 
+# Settings of `reproduce` that change results: every row is built with them and the report
+# header names them. (The runtime ones, core.config.RUNTIME_FIELDS, are passed through too.)
+RESULT_OVERRIDES = ("epochs", "max_images", "pretrained")
+
+
 def _runtime(cfg: ReproduceConfig) -> dict:
-    o = {"cache_dir": cfg.cache_dir, "device": cfg.device, "progress": cfg.progress}
-    for k in ("data_root", "pretrained", "max_images"):
-        if getattr(cfg, k):
-            o[k] = getattr(cfg, k)
+    """What every row's config takes from this one: its runtime fields, and the overrides set."""
+    o = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if hasattr(cfg, k) and getattr(cfg, k) is not None
+         and k != "out"}
+    o.update({k: getattr(cfg, k) for k in ("max_images", "pretrained") if getattr(cfg, k)})
     return o
 
 
-def reproduce(cfg: ReproduceConfig, log=print) -> dict:
-    from .teacher_eval import teacher_eval
-    from .train import train
+def _student_config(cfg: ReproduceConfig, name: str):
+    extra = {"epochs": cfg.epochs} if cfg.epochs else {}
+    return build_config(cfg.suite, name, **_runtime(cfg), out=str(cfg.out_dir() / name), **extra)
+
+
+def _teacher_config(cfg: ReproduceConfig, name: str):
+    return build_config(cfg.suite, name, **_runtime(cfg), out=str(cfg.out_dir() / "teacher"))
+
+
+def reproduce(cfg: ReproduceConfig) -> dict:
+    from ..distill.train import train
+    from ..teacher.evaluate import teacher_eval
 
     t0 = time.time()
     out = cfg.out_dir()
@@ -78,7 +95,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     def teacher(c):
         # Shared across experiments: loaded once, and only when a cache must be filled.
         if "t" not in teacher_box:
-            from .teacher.openclip_teacher import create_teacher
+            from ..teacher.openclip_teacher import create_teacher
 
             teacher_box["t"] = create_teacher(c.teacher, c.pretrained, c.device, c.precision, c.cache_dir)
         return teacher_box["t"]
@@ -86,37 +103,69 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     _preflight(cfg, exps)
     records, teacher_result = [], None
     for i, e in enumerate(exps, 1):
-        log(f"[{i}/{len(exps)}] {e.name}")
+        log.info("[%d/%d] %s", i, len(exps), e.name)
         if e.kind == "student":
-            extra = {"out": str(out / e.name)}
-            if cfg.epochs:
-                extra["epochs"] = cfg.epochs
-            tcfg = build_config(cfg.suite, e.name, **_runtime(cfg), **extra)
-            result = train(tcfg, log=log, teacher=None if _finished(tcfg) else teacher(tcfg))
+            tcfg = _student_config(cfg, e.name)
+            result = train(tcfg, teacher=None if _finished(tcfg) else teacher(tcfg))
         else:
             if teacher_result is None:
-                ecfg = build_config(cfg.suite, e.name, **_runtime(cfg), out=str(out / "teacher"))
-                teacher_result = _reuse_teacher_eval(ecfg) or teacher_eval(ecfg, teacher=teacher(ecfg), log=log)
+                ecfg = _teacher_config(cfg, e.name)
+                teacher_result = _reuse_teacher_eval(ecfg) or teacher_eval(ecfg, teacher=teacher(ecfg))
             result = teacher_result
         records.append(record(e, cfg.suite, result))
-    records = _with_other_finished_rows(cfg, exps, records, out)
-    overrides = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in ("epochs", "max_images", "pretrained")
-                          if getattr(cfg, k))
+    records = _with_other_finished_rows(cfg, exps, records)
+    overrides = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in RESULT_OVERRIDES if getattr(cfg, k))
     header = (f"Made by `clipdistill reproduce --suite {cfg.suite}` on {time.strftime('%Y-%m-%d')} "
-              f"({platform.machine()}, {platform.processor() or platform.system()}); "
+              f"({platform.machine()}, {_cpu_name()}); "
               f"{SUITES.get(cfg.suite).description}." +
               (f" **Overridden for this report: {overrides}** (the suite's sizes above do not apply)." if overrides
                else ""))
+    provenance = _provenance(cfg, records)
+    header += "\n\n" + "\n".join(f"- {k}: {v}" for k, v in provenance.items())
     rep = write_report(records, out, cfg.suite, header)
-    log(f"wrote {out / 'RESULTS.md'}, {out / 'results.json'} and {len(rep['plots'])} plots "
-        f"in {time.time() - t0:.0f} s")
-    return {"records": records, "markdown": rep["markdown"], "out": str(out), "seconds": time.time() - t0}
+    log.info("wrote %s, %s and %d plots in %.0f s", out / "RESULTS.md", out / "results.json", len(rep["plots"]),
+             time.time() - t0)
+    return {"records": records, "markdown": rep["markdown"], "out": str(out), "seconds": time.time() - t0,
+            "provenance": provenance}
 
 
-def _with_other_finished_rows(cfg: ReproduceConfig, exps, records: list, out: Path) -> list:
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                        platform.processor() or platform.system())
+    except OSError:
+        return platform.processor() or platform.system()
+
+
+def _provenance(cfg: ReproduceConfig, records: list[dict]) -> dict:
+    """What makes two reports comparable: the teacher's exact weights and the precisions
+    the `auto` settings resolved to on this machine."""
+    from ..core.state import weights_sha256
+    from ..teacher.openclip_teacher import resolve_weights
+
+    c = _teacher_config(cfg, "openclip_text")
+    out = {}
+    try:
+        w = resolve_weights(c.teacher, c.pretrained, c.cache_dir)
+        if w.pretrained and Path(w.pretrained).is_file():
+            out["teacher weights"] = (f"`{Path(w.pretrained).name}`, sha256 of the weights "
+                                      f"`{weights_sha256(w.pretrained)}`")
+        else:
+            out["teacher weights"] = f"{c.teacher} {w.weights_id}"
+    except Exception as e:  # noqa: BLE001 - provenance must never lose a finished report
+        out["teacher weights"] = f"unknown ({type(e).__name__})"
+    teacher = sorted({r["teacher_precision"] for r in records if r.get("teacher_precision")})
+    student = sorted({r["student_precision"] for r in records if r.get("student_precision")})
+    out["precision"] = (f"teacher {', '.join(teacher) or '?'} (--precision {c.precision}), student "
+                        f"{', '.join(student) or '?'} (--amp auto)")
+    return out
+
+
+def _with_other_finished_rows(cfg: ReproduceConfig, exps, records: list) -> list:
     """`--only` adds rows to a report, it does not erase the others: every other experiment
     of the suite already finished in this folder, with these settings, stays in it."""
-    from .train import finished_result
+    from ..distill.train import finished_result
 
     done = {e.name for e in exps}
     by_name = {r["name"]: r for r in records}
@@ -124,11 +173,9 @@ def _with_other_finished_rows(cfg: ReproduceConfig, exps, records: list, out: Pa
         if e.name in done:
             continue
         if e.kind == "student":
-            extra = {"epochs": cfg.epochs} if cfg.epochs else {}
-            result = finished_result(build_config(cfg.suite, e.name, **_runtime(cfg), out=str(out / e.name),
-                                                  **extra))
+            result = finished_result(_student_config(cfg, e.name))
         else:
-            result = _reuse_teacher_eval(build_config(cfg.suite, e.name, **_runtime(cfg), out=str(out / "teacher")))
+            result = _reuse_teacher_eval(_teacher_config(cfg, e.name))
         if result is not None:
             by_name[e.name] = record(e, cfg.suite, result)
     return [by_name[n] for n in EXPERIMENTS if n in by_name]
@@ -136,14 +183,11 @@ def _with_other_finished_rows(cfg: ReproduceConfig, exps, records: list, out: Pa
 
 def _preflight(cfg: ReproduceConfig, exps) -> None:
     """Say everything that must be downloaded or placed at once, before any work starts."""
-    from .data.datasets import create_dataset, default_data_root
-    from .errors import MissingResourceError
-    from .teacher.openclip_teacher import resolve_weights
+    from ..core.errors import MissingResourceError
+    from ..data.datasets import create_dataset, default_data_root
+    from ..teacher.openclip_teacher import resolve_weights
 
-    if all(e.kind == "student" and _finished(build_config(cfg.suite, e.name, **_runtime(cfg),
-                                                          out=str(cfg.out_dir() / e.name),
-                                                          **({"epochs": cfg.epochs} if cfg.epochs else {})))
-           for e in exps):
+    if all(e.kind == "student" and _finished(_student_config(cfg, e.name)) for e in exps):
         return
     c = build_config(cfg.suite, exps[0].name, **_runtime(cfg))
     problems = []
@@ -163,7 +207,7 @@ def _preflight(cfg: ReproduceConfig, exps) -> None:
 
 
 def _finished(tcfg) -> bool:
-    from .train import finished_result
+    from ..distill.train import finished_result
 
     return finished_result(tcfg) is not None
 
@@ -173,17 +217,14 @@ def _reuse_teacher_eval(ecfg) -> Optional[dict]:
     if not path.exists():
         return None
     res = atomic.read_json(path)
-    skip = ("progress", "cache_dir", "device", "workers", "embed_batch_size", "out", "data_root")
-    now = {k: v for k, v in to_dict(ecfg).items() if k not in skip}
-    then = {k: v for k, v in res.get("config", {}).items() if k not in skip}
-    if now != then:
+    if config_diff(res.get("config", {}), to_dict(ecfg)):
         return None
     res["path"] = str(path)
     return res
 
 
-def demo(cfg: DemoConfig, log=print) -> dict:
-    return reproduce(cfg.reproduce_config(), log=log)
+def demo(cfg: DemoConfig) -> dict:
+    return reproduce(cfg.reproduce_config())
 
 
 def list_experiments() -> str:

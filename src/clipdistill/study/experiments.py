@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .registry import Registry
+from ..core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ QUESTIONS = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Experiment:
     name: str
     question: str
@@ -54,35 +54,41 @@ def _add(e: Experiment) -> None:
     EXPERIMENTS.add(e.name, e)
 
 
-_add(Experiment("openclip_text", "teacher", "zero_shot", teacher_label="openclip_text",
+_add(Experiment(name="openclip_text", question="teacher", kind="zero_shot", teacher_label="openclip_text",
                 published={"stl10": 96.68}, demo=True))
-_add(Experiment("openclip_linear", "teacher", "linear_probe", teacher_label="openclip_linear",
+_add(Experiment(name="openclip_linear", question="teacher", kind="linear_probe", teacher_label="openclip_linear",
                 published={"stl10": 98.57}, demo=True))
-_add(Experiment("resnet18_from_scratch", "labels_vs_distill", "student",
-                {"student": "resnet18", "method": "labels", "data": _TRAIN}, "None", {"stl10": 57.93}, demo=True))
-_add(Experiment("resnet18_text_train", "labels_vs_distill", "student",
-                {"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN}, "openclip_text", {"stl10": 44.04}))
-_add(Experiment("resnet18_linear_train", "labels_vs_distill", "student",
-                {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN}, "openclip_linear", {"stl10": 60.65}, demo=True))
-_add(Experiment("resnet18_text_train_unlabeled", "data", "student",
-                {"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN_UNL}, "openclip_text", {"stl10": 94.32}))
-_add(Experiment("resnet18_linear_train_unlabeled", "data", "student",
-                {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN_UNL}, "openclip_linear", {"stl10": 96.88},
-                demo=True))
+_add(Experiment(name="resnet18_from_scratch", question="labels_vs_distill", kind="student",
+                overrides={"student": "resnet18", "method": "labels", "data": _TRAIN},
+                teacher_label="none (labels)", published={"stl10": 57.93}, demo=True))
+_add(Experiment(name="resnet18_text_train", question="labels_vs_distill", kind="student",
+                overrides={"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN},
+                teacher_label="openclip_text", published={"stl10": 44.04}))
+_add(Experiment(name="resnet18_linear_train", question="labels_vs_distill", kind="student",
+                overrides={"student": "resnet18", **_LINEAR_KL, "data": _TRAIN},
+                teacher_label="openclip_linear", published={"stl10": 60.65}, demo=True))
+_add(Experiment(name="resnet18_text_train_unlabeled", question="data", kind="student",
+                overrides={"student": "resnet18", **_STUDY_TEXT_KL, "data": _TRAIN_UNL},
+                teacher_label="openclip_text", published={"stl10": 94.32}))
+_add(Experiment(name="resnet18_linear_train_unlabeled", question="data", kind="student",
+                overrides={"student": "resnet18", **_LINEAR_KL, "data": _TRAIN_UNL},
+                teacher_label="openclip_linear", published={"stl10": 96.88}, demo=True))
 for _arch, _fig in (("resnet34", 96.69), ("resnet50", 96.76)):
-    _add(Experiment(f"{_arch}_linear_train_unlabeled", "architecture", "student",
-                    {"student": _arch, **_LINEAR_KL, "data": _TRAIN_UNL}, "openclip_linear", {"stl10": _fig}))
-_add(Experiment("resnet18_embedding_text_train_unlabeled", "method", "student",
-                {"student": "resnet18", "method": "mse", "head": "text", "data": _TRAIN_UNL}, "openclip_embedding",
-                {"stl10": 94.575}))
-_add(Experiment("resnet18_embedding_linear_train_unlabeled", "method", "student",
-                {"student": "resnet18", "method": "mse", "head": "linear", "data": _TRAIN_UNL}, "openclip_embedding",
-                {"stl10": 96.912}, demo=True))
+    _add(Experiment(name=f"{_arch}_linear_train_unlabeled", question="architecture", kind="student",
+                    overrides={"student": _arch, **_LINEAR_KL, "data": _TRAIN_UNL},
+                    teacher_label="openclip_linear", published={"stl10": _fig}))
+_add(Experiment(name="resnet18_embedding_text_train_unlabeled", question="method", kind="student",
+                overrides={"student": "resnet18", "method": "mse", "head": "text", "data": _TRAIN_UNL},
+                teacher_label="openclip_embedding", published={"stl10": 94.575}))
+_add(Experiment(name="resnet18_embedding_linear_train_unlabeled", question="method", kind="student",
+                overrides={"student": "resnet18", "method": "mse", "head": "linear", "data": _TRAIN_UNL},
+                teacher_label="openclip_embedding", published={"stl10": 96.912}, demo=True))
 # Beyond the study: CLIP's own logit scale for the text head (the study's T=1 on raw cosines
 # gives nearly uniform targets).
-_add(Experiment("resnet18_text100_train_unlabeled", "method", "student",
-                {"student": "resnet18", "method": "kl", "head": "text", "logit_scale": 100.0, "temperature": 1.0,
-                 "data": _TRAIN_UNL}, "openclip_text", beyond=True))
+_add(Experiment(name="resnet18_text100_train_unlabeled", question="method", kind="student",
+                overrides={"student": "resnet18", "method": "kl", "head": "text", "logit_scale": 100.0,
+                           "temperature": 1.0, "data": _TRAIN_UNL},
+                teacher_label="openclip_text", beyond=True))
 
 
 # ----------------------------------------------------------------------------- suites
@@ -92,7 +98,6 @@ class Suite:
     name: str
     description: str
     base: dict  # TrainConfig fields shared by every experiment of the suite
-    downloads: str = ""
     # The study's student -> the one this suite trains in its place (same role, other input size).
     students: dict = field(default_factory=dict)
     # Overrides for rows that train on exactly these splits ("train", "train+unlabeled").
@@ -107,9 +112,7 @@ SUITES.add("stl10", Suite(
     "(Adam 3e-4, batch 64, 50 epochs, constant lr, Normalize(0.5, 0.25), no augmentation)",
     {"teacher": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "dataset": "stl10", "epochs": 50, "batch_size": 64,
      "lr": 3e-4, "schedule": "constant", "student_mean": 0.5, "student_std": 0.25, "augment": "none",
-     "probe_lr": 3e-4, "probe_epochs": 15},
-    downloads="STL10 (2.6 GB from cs.stanford.edu, into DATA_ROOT/stl10_binary) and the ViT-B-32 laion2b weights "
-              "(605 MB from huggingface.co, into the Hugging Face cache)"))
+     "probe_lr": 3e-4, "probe_epochs": 15}))
 
 # shapes10 is 32 px: a ResNet's 7x7/2 stem + max-pool leaves 8x8 of it, and resnet18 learnt
 # only 49.7% in the demo's budget where timm's deep-stem "t" ResNets (three 3x3 convs) reached
@@ -132,8 +135,8 @@ SUITES.add("shapes10", Suite(
 
 def build_config(suite: str, name: str, **overrides: Any):
     """The TrainConfig (student rows) or TeacherEvalConfig (teacher rows) of one experiment."""
-    from .teacher_eval import TeacherEvalConfig
-    from .train import TrainConfig
+    from ..distill.config import TrainConfig
+    from ..teacher.evaluate import TeacherEvalConfig
 
     s, e = SUITES.get(suite), EXPERIMENTS.get(name)
     values = {**s.base, **e.overrides}

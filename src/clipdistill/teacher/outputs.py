@@ -3,21 +3,26 @@ per split, the prompts' text embeddings and the linear probe."""
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from . import atomic
-from .cache import EmbeddingCache, cache_path
-from .config import DataOptions, TeacherOptions
-from .data.datasets import create_dataset, dataset_slug, default_data_root, read_prompts
+from ..core import atomic
+from ..core.errors import ConfigError
+from ..data.datasets import create_dataset, default_data_root
+from ..data.options import DataOptions
+from ..data.prompts import read_prompts, read_templates
+from .cache import cache_path
 from .embed import fill_cache
-from .errors import ConfigError
 from .heads import ProbeConfig, TextHead, load_or_train_probe, probe_path, text_embeddings_path
-from .teacher.openclip_teacher import Teacher, create_teacher
+from .openclip_teacher import Teacher, create_teacher
+from .options import TeacherOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,41 +48,23 @@ class TeacherOutputs:
         return np.asarray(cache.embeddings[idx], dtype=np.float32), np.asarray(self.datasets[split].targets)[idx]
 
 
-def _read_lines(path: Optional[str]) -> Optional[list[str]]:
-    if path is None:
-        return None
-    lines = [ln.rstrip("\n") for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    bad = [t for t in lines if "{}" not in t]
-    if bad:
-        raise ConfigError(f"--templates {path}: every line needs {{}} where the prompt goes; not: {bad[0]!r}")
-    return lines
-
-
 def prepare_teacher_outputs(topt: TeacherOptions, dopt: DataOptions, splits: list[str], probe: Optional[ProbeConfig]
                             = None, teacher: Optional[Teacher] = None, progress: bool = True,
-                            overwrite: bool = False, log=print, probe_required: bool = True) -> TeacherOutputs:
+                            overwrite: bool = False, probe_required: bool = True) -> TeacherOutputs:
     """`probe_required=False`: train the probe only if the train split has labels (`--head auto`)."""
     root = dopt.data_root or default_data_root(topt.cache_dir)
     datasets = {s: create_dataset(dopt.dataset, s, root, dopt.image_size, dopt.max_images) for s in splits}  # cheap errors first
     teacher = teacher or create_teacher(topt.teacher, topt.pretrained, topt.device, topt.precision, topt.cache_dir)
     first = datasets[splits[0]]
-    classes = list(getattr(first, "classes", []))
-    prompts = read_prompts(dopt.prompts, classes, list(getattr(first, "prompts", [])))
-    templates = _read_lines(dopt.templates) or (list(first.templates) if getattr(first, "templates", None) else None)
+    classes = list(first.classes)
+    prompts = read_prompts(dopt.prompts, classes, list(first.prompts))
+    templates = read_templates(dopt.templates) or (list(first.templates) if first.templates else None)
     out = TeacherOutputs(teacher=teacher, classes=classes or prompts, prompts=prompts, templates=templates,
-                         datasets=datasets, dataset_slug=dataset_slug(first))
+                         datasets=datasets, dataset_slug=first.slug())
     for s, ds in datasets.items():
-        path = cache_path(topt.cache_dir, teacher.slug, dataset_slug(ds), s)
-        out.caches[s] = fill_cache(teacher, ds, path, topt.embed_batch_size, topt.workers, overwrite, progress, log)
-
-    tpath = text_embeddings_path(topt.cache_dir, teacher.slug, prompts, templates)
-    saved = np.load(tpath) if tpath.exists() else None
-    if saved is not None and str(saved["teacher"]) == repr(teacher.fingerprint()):
-        out.text_embeddings = torch.from_numpy(saved["embeddings"])
-    else:
-        out.text_embeddings = teacher.encode_texts(prompts, templates)
-        atomic.numpy_save(tpath, embeddings=out.text_embeddings.numpy(), teacher=repr(teacher.fingerprint()),
-                          prompts=np.asarray(prompts))
+        path = cache_path(topt.cache_dir, teacher.slug, ds.slug(), s)
+        out.caches[s] = fill_cache(teacher, ds, path, topt.embed_batch_size, topt.workers, overwrite, progress)
+    out.text_embeddings = text_embeddings(teacher, prompts, templates, topt.cache_dir)
 
     if probe is not None:
         if "train" not in datasets and not probe_required:
@@ -94,3 +81,20 @@ def prepare_teacher_outputs(topt: TeacherOptions, dopt: DataOptions, splits: lis
         out.probe, out.probe_info = load_or_train_probe(ppath, emb, labels, len(out.classes), probe,
                                                         teacher.fingerprint())
     return out
+
+
+def text_embeddings(teacher: Teacher, prompts: list[str], templates: Optional[list[str]], cache_dir: str
+                    ) -> torch.Tensor:
+    """The prompts' normalised text embeddings, cached per (teacher, prompts, templates)."""
+    tpath = text_embeddings_path(cache_dir, teacher.slug, prompts, templates)
+    if tpath.exists():
+        try:
+            with np.load(tpath, allow_pickle=False) as saved:
+                if str(saved["teacher"]) == repr(teacher.fingerprint()) and \
+                        saved["embeddings"].shape[0] == len(prompts) and np.isfinite(saved["embeddings"]).all():
+                    return torch.from_numpy(np.array(saved["embeddings"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # only a cache: computed again
+            log.warning("the cached text embeddings %s are damaged (%s); computing them again", tpath, e)
+    emb = teacher.encode_texts(prompts, templates)
+    atomic.numpy_save(tpath, embeddings=emb.numpy(), teacher=repr(teacher.fingerprint()), prompts=np.asarray(prompts))
+    return emb

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .config import check, option
-from .errors import ConfigError, MissingResourceError
+from ..core.config import check, option
+from ..core.errors import ConfigError, MissingResourceError
+from ..data.images import UnreadableImage, display_path, open_rgb
+
+log = logging.getLogger(__name__)
 
 METADATA_KEY = "clipdistill"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -90,15 +93,6 @@ def run_batches(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- pixels
 
-def load_image(path: str | os.PathLike):
-    """A fully decoded RGB PIL image; raises OSError/ValueError/SyntaxError when unreadable."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()  # decode now: a truncated file fails here, not later in the batch
-        return im.convert("RGB")
-
-
 def preprocess(img, spec: dict) -> np.ndarray:
     """RGB PIL image -> float32 (3, S, S), as the model's metadata says."""
     from PIL import Image
@@ -146,20 +140,19 @@ def list_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
     return files, missing
 
 
-def _decoded(files: Iterable[Path], spec: dict, skipped: list[dict], warn) -> Iterator[tuple[Path, np.ndarray]]:
+def _decoded(files: Iterable[Path], spec: dict, skipped: list[dict]) -> Iterator[tuple[Path, np.ndarray]]:
     for f in files:
         try:
-            yield f, preprocess(load_image(f), spec)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image I can read"
+            yield f, preprocess(open_rgb(f), spec)
+        except (UnreadableImage, OSError) as e:  # not an image, truncated, too large: skipped and named
             msg = str(e) or type(e).__name__
-            skipped.append({"path": str(f), "error": msg})
-            warn(f"warning: skipped {f}: {msg}")
+            skipped.append({"path": display_path(f), "error": msg})
+            log.warning("warning: skipped %s: %s", display_path(f), msg)
 
 
 def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32, threads: int = 0,
-            provider: str = "auto", warn=None) -> dict:
+            provider: str = "auto") -> dict:
     """{"model", "classes", "results": [{"path", "top": [{"class", "prob"}]}], "skipped": [...]}."""
-    warn = warn or (lambda m: print(m, file=sys.stderr))
     sess = session(model, threads, provider)
     meta = read_metadata(sess)
     if not meta:
@@ -173,10 +166,10 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int =
     k = min(top_k, len(classes))
     files, skipped = list_images(inputs)
     for s in skipped:
-        warn(f"warning: skipped {s['path']}: {s['error']}")
+        log.warning("warning: skipped %s: %s", s["path"], s["error"])
     name = sess.get_inputs()[0].name
     results = []
-    stream = _decoded(files, meta["input"], skipped, warn)
+    stream = _decoded(files, meta["input"], skipped)
     while True:
         chunk = [item for _, item in zip(range(batch_size), stream)]
         if not chunk:
@@ -185,7 +178,7 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int =
         probs = softmax(sess.run(None, {name: x})[0].astype(np.float64))
         for (path, _), p in zip(chunk, probs):
             order = np.argsort(-p, kind="stable")[:k]
-            results.append({"path": str(path), "top": [{"class": classes[i], "prob": float(p[i])} for i in order]})
+            results.append({"path": display_path(path), "top": [{"class": classes[i], "prob": float(p[i])} for i in order]})
     if not results:
         raise MissingResourceError("no readable image among " + ", ".join(map(str, inputs)) +
                                    (f" ({len(skipped)} skipped)" if skipped else ""))
@@ -206,6 +199,6 @@ def run_cli(cfg: PredictConfig, args) -> int:
         return 0
     for r in res["results"]:
         print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
-    print(f"{len(res['results'])} images" + (f", {len(res['skipped'])} skipped (see warnings)" if res["skipped"]
-                                            else ""), file=sys.stderr)
+    log.info("%d images%s", len(res["results"]), f", {len(res['skipped'])} skipped (see warnings)" if res["skipped"]
+             else "")
     return 0

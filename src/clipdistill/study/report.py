@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from . import atomic
+from ..core import atomic
 from .experiments import QUESTIONS, Experiment
 
 
@@ -84,17 +84,20 @@ def _plot(rows: list[dict], title: str, stem: Path) -> list[str]:
     return paths
 
 
-def record(e: Experiment, suite: str, result: dict, kind_value: str = "") -> dict:
+def record(e: Experiment, suite: str, result: dict) -> dict:
     """One results.json record; `result` is a run's result.json or the teacher-eval JSON."""
     if e.kind == "student":
         return {"name": e.name, "question": e.question, "student": result["student"], "teacher": e.teacher_label,
                 "data": result["data"], "method": result["method"] + f" ({result['head']} head)",
                 "test_accuracy": result["test_accuracy"], "teacher_agreement": result["teacher_agreement"],
                 "train_seconds": result.get("train_seconds"), "run_dir": result["run_dir"],
-                "published": e.published.get(suite), "beyond": e.beyond}
+                "published": e.published.get(suite), "beyond": e.beyond, "seed": result.get("seed"),
+                "teacher_precision": result.get("teacher_precision"),
+                "student_precision": result.get("student_precision")}
     key = "zero_shot_accuracy" if e.kind == "zero_shot" else "linear_probe_accuracy"
     return {"name": e.name, "question": e.question, "student": "-", "teacher": e.teacher_label,
             "data": "train" if e.kind == "linear_probe" else "-",
             "method": "text prompts" if e.kind == "zero_shot" else "linear probe",
             "test_accuracy": result[key], "teacher_agreement": None, "train_seconds": None,
-            "run_dir": str(Path(result["path"]).parent), "published": e.published.get(suite), "beyond": e.beyond}
+            "run_dir": str(Path(result["path"]).parent), "published": e.published.get(suite), "beyond": e.beyond,
+            "teacher_precision": (result.get("teacher") or {}).get("precision")}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import errno
+import logging
 import os
 import sys
 import time
@@ -14,10 +15,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cache import EmbeddingCache, cache_path
-from .config import DataOptions, TeacherOptions, check, option
-from .data.datasets import create_dataset, dataset_slug, default_data_root
-from .teacher.openclip_teacher import Teacher, create_teacher
+from ..core.config import check, option
+from ..core.errors import ClipDistillError, MissingResourceError
+from ..core.locks import exclusive
+from ..data.datasets import create_dataset, default_data_root
+from ..data.options import DataOptions
+from .cache import CacheDamagedError, EmbeddingCache, cache_path
+from .openclip_teacher import Teacher, create_teacher
+from .options import TeacherOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -54,11 +61,9 @@ class _Preprocessed(Dataset):
     def __getitem__(self, i: int):
         idx = self.start + i
         try:
-            image, _ = self.ds[idx]
-            return self.preprocess(image), idx, None
+            return self.preprocess(self.ds.load(idx)), idx, None
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and reported
-            where = self.ds.describe(idx) if hasattr(self.ds, "describe") else f"item {idx}"
-            return None, idx, f"{where}: {type(e).__name__}: {e}"
+            return None, idx, f"{self.ds.describe(idx)}: {type(e).__name__}: {e}"
 
 
 def _collate(items):
@@ -68,44 +73,50 @@ def _collate(items):
 
 
 def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int = -1, overwrite: bool = False,
-               progress: bool = True, log=print) -> EmbeddingCache:
+               progress: bool = True) -> EmbeddingCache:
     """Embed every image of `ds` into the cache at `path`, resuming from what is done.
 
-    One filler at a time per cache folder (an exclusive file lock): two jobs sharing a cache
-    directory, or every rank of `torchrun ... embed`, take turns, and the later ones find the
-    cache complete instead of re-creating the array under the first one's memmap."""
-    Path(path).mkdir(parents=True, exist_ok=True)
-    with _exclusive(Path(path) / ".lock"):
-        return _fill(teacher, ds, path, batch_size, workers, overwrite, progress, log)
+    A complete, intact cache is opened read-only without a lock (so one on a read-only disk
+    serves). Otherwise one filler at a time per cache folder (an exclusive file lock): two
+    jobs sharing a cache directory, or every rank of `torchrun ... embed`, take turns, and
+    the later ones find the cache complete instead of re-creating the array under the first
+    one's memmap."""
+    import contextlib
 
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as before
-        yield
-        return
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    path = Path(path)
+    if not overwrite:
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            cache = EmbeddingCache.load(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim)
+            log.info("embeddings already complete: %s (%d x %d, skipped %d)", cache.path, cache.count, cache.dim,
+                     cache.manifest["skipped"])
+            return cache
+        except (MissingResourceError, CacheDamagedError):
+            pass  # missing, unfinished or damaged: (re)filled below, under the lock
+    with contextlib.ExitStack() as stack:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive(path / ".lock"))
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise ClipDistillError(f"the embedding cache {path} must be (re)built but cannot be written "
+                                       f"({e.strerror}); give a writable --cache-dir") from None
+            raise
+        return _fill(teacher, ds, path, batch_size, workers, overwrite, progress)
 
 
-def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: bool, progress: bool,
-          log) -> EmbeddingCache:
+def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: bool, progress: bool
+          ) -> EmbeddingCache:
     from tqdm import tqdm
 
     cache = EmbeddingCache.open(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim,
                                 overwrite=overwrite)
     if cache.complete:
-        log(f"embeddings already complete: {cache.path} ({cache.count} x {cache.dim}, skipped {cache.manifest['skipped']})")
+        log.info("embeddings already complete: %s (%d x %d, skipped %d)", cache.path, cache.count, cache.dim,
+                 cache.manifest["skipped"])
         return cache
     start = cache.done
     if start:
-        log(f"resuming {cache.path} at {start}/{cache.count}")
+        log.info("resuming %s at %d/%d", cache.path, start, cache.count)
     # Batches start at multiples of batch_size (resume points are commit points), so a
     # resumed run computes exactly the batches an uninterrupted one would.
     loader = DataLoader(_Preprocessed(ds, teacher.preprocess, start), batch_size=batch_size, shuffle=False,
@@ -121,6 +132,12 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
         valid = np.zeros(n, dtype=np.uint8)
         if x is not None:
             emb = teacher.encode_images(x).cpu().numpy()
+            bad = ~np.isfinite(emb.astype(np.float16)).all(axis=1)
+            if bad.any():
+                raise ClipDistillError(
+                    f"the teacher gave non-finite embeddings (NaN/inf) for {int(bad.sum())} of the images at rows "
+                    f"{pos}-{pos + n - 1} of {cache.path} (first: {ds.describe(ok_idx[int(np.flatnonzero(bad)[0])])}) "
+                    f"in {teacher.precision}; nothing of that batch was kept. Try --precision fp32.")
             rel = np.asarray(ok_idx) - pos
             rows[rel] = emb
             valid[rel] = 1
@@ -128,17 +145,17 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
         pos += n
         cache.commit(pos, [err for _, err in errors])
         for _, err in errors:
-            tqdm.write(f"skipped unreadable image {err}", file=sys.stderr)
+            log.warning("skipped unreadable image %s", err)
         bar.update(n)
     bar.close()
     rate = (pos - start) / max(time.time() - t0, 1e-9)
-    log(f"wrote {cache.path / 'embeddings.npy'} ({cache.count} x {cache.dim} float16, {rate:.0f} img/s, "
-        f"skipped {cache.manifest['skipped']})")
+    log.info("wrote %s (%d x %d float16, %.0f img/s, skipped %d)", cache.path / "embeddings.npy", cache.count,
+             cache.dim, rate, cache.manifest["skipped"])
     return cache
 
 
-def embed(cfg: EmbedConfig, teacher: Optional[Teacher] = None, log=print) -> EmbeddingCache:
+def embed(cfg: EmbedConfig, teacher: Optional[Teacher] = None) -> EmbeddingCache:
     ds = create_dataset(cfg.dataset, cfg.split, cfg.resolved_data_root, cfg.image_size, cfg.max_images)  # cheap errors first
     teacher = teacher or create_teacher(cfg.teacher, cfg.pretrained, cfg.device, cfg.precision, cfg.cache_dir)
-    path = cache_path(cfg.cache_dir, teacher.slug, dataset_slug(ds), cfg.split)
-    return fill_cache(teacher, ds, path, cfg.embed_batch_size, cfg.workers, cfg.overwrite, cfg.progress, log)
+    path = cache_path(cfg.cache_dir, teacher.slug, ds.slug(), cfg.split)
+    return fill_cache(teacher, ds, path, cfg.embed_batch_size, cfg.workers, cfg.overwrite, cfg.progress)

@@ -1,0 +1,34 @@
+"""The data flags shared by every job that reads a dataset (embed, teacher-eval, train)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ..core.config import check, option
+from .datasets import DATASETS
+from .prompts import read_lines, read_templates
+
+
+@dataclasses.dataclass
+class DataOptions:
+    """Which dataset and where its files are."""
+
+    dataset: str = option("shapes10", "stl10, shapes10 (offline synthetic) or folder", metavar="NAME")
+    data_root: Optional[str] = option(None, "dataset files (stl10: the folder holding stl10_binary/; folder: the "
+                                            "image folder); default: CACHE_DIR/data", metavar="DIR")
+    image_size: int = option(32, "shapes10 only: side of the generated images in pixels (STL10 is 96)")
+    max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials")
+    prompts: Optional[str] = option(None, "text file with one prompt per class, in class order; default: the "
+                                          "dataset's own prompts", metavar="FILE")
+    templates: Optional[str] = option(None, "text file of prompt templates, one per line with {} where the prompt "
+                                            "goes (averaged as in open_clip's zero-shot classifier); default: the "
+                                            "dataset's own, or none", metavar="FILE")
+
+    def _check_data(self) -> None:
+        DATASETS.get(self.dataset)  # unknown names fail before any teacher is loaded
+        check(self.image_size >= 8, "image_size", "must be >= 8 pixels")
+        check(self.max_images >= 0, "max_images", "must be >= 0 (0 = all)")
+        if self.prompts is not None:
+            read_lines(self.prompts, "--prompts")
+        read_templates(self.templates)

@@ -1,0 +1,69 @@
+"""The distilled student in the form people take elsewhere: timm's own folder format.
+
+    RUN/student/model.safetensors   the weights (timm state dict)
+    RUN/student/config.json         architecture, num_classes, class names, input size, mean/std
+    RUN/student/head.safetensors    embedding students only: the teacher head (text or linear)
+
+Either of these loads it, with timm alone:
+
+    timm.create_model("local-dir:RUN/student", pretrained=True)
+    timm.create_model(ARCH, pretrained=True, num_classes=N,
+                      pretrained_cfg_overlay=dict(file="RUN/student/model.safetensors", num_classes=N))
+
+(`num_classes` goes in the overlay too: without it timm takes the architecture's ImageNet
+config, sees 1000 classes there and drops the trained classifier as a mismatch.)
+
+A student trained on the teacher's embedding (`mse`, `cosine`) outputs that embedding; its
+head (logits = head(embedding)) is kept beside it and described in config.json, as the
+ONNX export folds it in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..teacher.heads import head_spec
+from .rundir import RunDir
+from .students import create_student
+
+
+def write_timm_student(run: RunDir, state: dict) -> Path:
+    """Write RUN/student/ from the best checkpoint's `state`."""
+    from safetensors.torch import save_file
+    from timm.models import save_for_hf
+
+    cfg = state["config"]
+    out_dim = int(state["num_classes"] if state["output"] == "logits" else state["embed_dim"])
+    # A fresh copy: the trained one may be channels-last (safetensors wants contiguous tensors)
+    model = create_student(cfg["student"], out_dim)
+    model.load_state_dict(state["model"])
+    size, mean, std = int(state["size"]), float(cfg["student_mean"]), float(cfg["student_std"])
+    info = {"method": state["method"], "output": state["output"], "teacher": state["teacher"],
+            "dataset": cfg.get("dataset"), "classes": list(state["classes"]), "prompts": list(state["prompts"]),
+            "trained_size": size, "resize": "stretch to size x size (bilinear), pixels / 255, (x - mean) / std"}
+    model_config = {"clipdistill": info}
+    if state["output"] == "logits":
+        model_config["label_names"] = list(state["classes"])
+    else:
+        th = state["teacher_head"]
+        info["head"] = head_spec(th["kind"], state["num_classes"], state["embed_dim"], th.get("logit_scale"))
+        info["head_file"] = "head.safetensors"
+    run.path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".student.{os.getpid()}.", suffix=".tmp", dir=run.path))
+    try:
+        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
+                    data_config={"input_size": (3, size, size), "mean": (mean,) * 3, "std": (std,) * 3,
+                                 "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"})
+        if state["output"] != "logits":
+            save_file({k: v.contiguous() for k, v in state["teacher_head"]["state_dict"].items()},
+                      str(tmp / "head.safetensors"))
+        old = run.path / f".student.{os.getpid()}.old.tmp"
+        if run.student.exists():
+            os.replace(run.student, old)
+        os.replace(tmp, run.student)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return run.student

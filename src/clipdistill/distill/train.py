@@ -1,0 +1,66 @@
+"""`clipdistill train`: train (or resume, or reuse a finished run) and report on test."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional
+
+from ..core.config import config_diff, to_dict
+from ..core.distributed import cleanup
+from ..core.errors import ConfigError
+from .config import TrainConfig
+from .evaluate import evaluate_trainer
+from .rundir import RunDir
+from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def finished_result(cfg: TrainConfig) -> Optional[dict]:
+    """The result of a finished run of this very config in its folder, if there is one."""
+    run = cfg.run_dir()
+    if not run.result.exists() or not run.exists():
+        return None
+    if config_diff(run.read_config(), to_dict(cfg)):
+        return None
+    return run.read_result()
+
+
+def train(cfg: TrainConfig, teacher=None) -> dict:
+    """Train (or resume, or reuse a finished run) and return the test report.
+
+    Rank 0 holds the run folder's lock throughout: a second process on the same `--out`
+    is refused at once (its message names this one's pid)."""
+    run: RunDir = cfg.run_dir()
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not main:
+        return _train(cfg, run, teacher)
+    with run.lock():
+        return _train(cfg, run, teacher)
+
+
+def _train(cfg: TrainConfig, run: RunDir, teacher) -> dict:
+    run.check_format()
+    if cfg.resume == "never" and run.last.exists():
+        raise ConfigError(f"--out {run} already holds a run (--resume never); use --resume auto to "
+                          f"continue or reuse it, or another --out")
+    done = finished_result(cfg)
+    if done is not None:
+        log.info("%s is already complete (result.json); reusing it", run)
+        return done
+    t0 = time.time()
+    trainer = Trainer(cfg, teacher=teacher)
+    try:
+        resumed = trainer.try_resume()
+        if resumed and trainer.epoch >= cfg.epochs and run.result.exists():
+            log.info("%s is already complete", run)
+            return run.read_result()
+        trainer.fit()
+        # Seconds spent in epochs, summed over every resumption of the run.
+        seconds = sum(h["seconds"] for h in trainer.history)
+        return evaluate_trainer(trainer, extra={"train_seconds": round(seconds, 2),
+                                                "wall_seconds": round(time.time() - t0, 2)})
+    finally:
+        cleanup(trainer.dist)

@@ -1,0 +1,31 @@
+"""The teacher flags shared by every job that runs or reads the teacher."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ..core.config import check, default_cache_dir, option
+
+
+@dataclasses.dataclass
+class TeacherOptions:
+    """Which teacher, where it runs, how its outputs are cached."""
+
+    teacher: str = option("tiny-shapes", "open_clip model name (ViT-B-32, ...) or tiny-shapes, the offline teacher",
+                          metavar="NAME")
+    pretrained: Optional[str] = option(None, "open_clip pretrained tag (laion2b_s34b_b79k) or a local checkpoint "
+                                             "file; default: the model's usual weights", metavar="TAG|PATH")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    precision: str = option("auto", "teacher precision: auto (fp16 on CUDA; bf16 on CPUs with native bf16 when its "
+                                    "embeddings stay within cosine 0.999 of fp32; else fp32), fp32, bf16, fp16",
+                            choices=["auto", "fp32", "bf16", "fp16"])
+    cache_dir: str = option(default_factory=default_cache_dir,
+                            help="where datasets, teachers and embeddings are cached ($CLIPDISTILL_CACHE)",
+                            metavar="DIR")
+    embed_batch_size: int = option(256, "images per teacher batch when embedding")
+    workers: int = option(-1, "DataLoader worker processes; -1 picks from the core count")
+
+    def _check_teacher(self) -> None:
+        check(self.embed_batch_size >= 1, "embed_batch_size", "must be >= 1")
+        check(self.workers >= -1, "workers", "must be -1 (auto) or >= 0")
