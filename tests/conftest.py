@@ -15,6 +15,21 @@ os.environ["CLIPDISTILL_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _library_logging():
+    """`cli.main` run in-process sets up the command's logging (no propagation to the root
+    logger); put the library's default back so that caplog sees records in later tests."""
+    yield
+    import logging
+
+    logger = logging.getLogger("clipdistill")
+    for h in list(logger.handlers):
+        if getattr(h, "_clipdistill", False):
+            logger.removeHandler(h)
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -60,9 +75,12 @@ def trained_teacher_file(cache_dir) -> Path:
 
 
 def train_kwargs(cache_dir: Path, teacher_file: Path, **over) -> dict:
-    """A small but real shapes10 run: 1000 labelled, 2000 unlabeled, 2000 test images."""
+    """A small but real shapes10 run: 1000 labelled, 2000 unlabeled, 2000 test images, with the
+    study's quick recipe (no augmentation, cached targets, no warm-up): a few epochs learn
+    under it, where the default recipe is made for long runs (tests/test_recipe.py covers it)."""
     kw = dict(pretrained=str(teacher_file), cache_dir=str(cache_dir), max_images=2000, student="resnet10t",
-              epochs=4, batch_size=64, lr=2e-3, progress=False)
+              epochs=4, batch_size=64, lr=2e-3, progress=False, augment="none", mixup=0.0, teaching="cached",
+              warmup_epochs=0.0)
     kw.update(over)
     return kw
 

@@ -5,9 +5,6 @@ trained from labels on shapes10 (32 px) and the tiny-shapes teacher with random 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,7 @@ from conftest import cli_subprocess as _cli
 
 from clipdistill.distill import checkpoint
 from clipdistill.core.errors import ConfigError
-from clipdistill.deploy.export import ExportConfig, ParityError, check_parity, export, int8_path
+from clipdistill.deploy.export import ExportConfig, ParityError, check_parity, export
 from clipdistill.distill.students import create_student, prepare_images
 
 from clipdistill.data.shapes10 import CLASSES as SHAPES10_CLASSES

@@ -52,7 +52,10 @@ def test_shapes10_suite_swaps_students_and_equalises_compute():
 def test_demo_selection_answers_each_question():
     qs = {e.question for e in select("shapes10")}
     assert qs == {"teacher", "labels_vs_distill", "data", "method"}
-    assert len(select("shapes10", full=True)) == len(EXPERIMENTS)
+    full = select("shapes10", full=True)
+    assert not any(e.recipe for e in full)  # the study's rows only
+    assert len(select("shapes10", full=True, recipe=True)) == len(EXPERIMENTS)
+    assert [e.name for e in select("shapes10", recipe=True) if e.recipe][-1] == "recipe_zero_label"
 
 
 def test_experiments_verb_lists_them():
@@ -84,7 +87,7 @@ def test_reproduce_writes_report_and_reuses_everything(tmp_path, cache_dir, trai
         assert {"name", "student", "teacher", "data", "method", "test_accuracy", "teacher_agreement",
                 "train_seconds", "run_dir"} <= set(r)
     # every number comes from a result file on disk
-    scratch = json.loads((out / "resnet18_from_scratch" / "result.json").read_text())
+    scratch = json.loads((out / "resnet18_from_scratch" / "seed0" / "result.json").read_text())
     assert records[2]["test_accuracy"] == scratch["test_accuracy"]
     teacher = json.loads((out / "teacher" / "teacher_eval.json").read_text())
     assert records[0]["test_accuracy"] == teacher["zero_shot_accuracy"]

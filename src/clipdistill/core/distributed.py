@@ -55,6 +55,18 @@ def barrier(info: DistInfo) -> None:
 
 
 
+def broadcast_choice(choice, options: tuple, info: DistInfo):
+    """Rank 0's `choice` (one of `options`) on every rank: a decision one rank measured, such
+    as the teaching mode. Sent as an index tensor (nothing is pickled)."""
+    if not info.enabled:
+        return choice
+    t = torch.tensor([options.index(choice) if info.is_main else -1], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return options[int(t.item())]
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -38,3 +38,6 @@ def setup(verbosity: int = 0) -> None:
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s" if verbosity > 0 else "%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(level)
+    # The command owns its output: libraries that log through the root logger (open_clip calls
+    # logging.info, which installs a root handler) must not print our records a second time.
+    logger.propagate = False

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..core.errors import ConfigError
 from ..core.registry import Registry
+from .augment import Mix
 
 
 # ----------------------------------------------------------------------------- loss functions
@@ -77,7 +78,8 @@ class Batch:
     student_out: torch.Tensor
     student_logits: torch.Tensor
     labels: torch.Tensor
-    teacher_emb: torch.Tensor
+    teacher_emb: torch.Tensor  # of the very view the student saw (online teaching), or of the plain image
+    mix: Optional["Mix"] = None  # the mixup draw the inputs went through, if any
 
 
 @dataclass
@@ -98,7 +100,11 @@ def _term(name: str, needs: str, uses_teacher: bool, summary: str):
 
 @_term("labels", "logits", False, "cross-entropy on ground-truth labels (training from scratch); unlabeled ignored")
 def _labels(b: Batch, ctx: MethodContext) -> torch.Tensor:
-    return label_cross_entropy(b.student_logits, b.labels)
+    if b.mix is None:
+        return label_cross_entropy(b.student_logits, b.labels)
+    # mixed inputs: each label weighs as much as its image does in the mix
+    return (b.mix.lam * label_cross_entropy(b.student_logits, b.labels) +
+            (1 - b.mix.lam) * label_cross_entropy(b.student_logits, b.labels[b.mix.perm.to(b.labels.device)]))
 
 
 @_term("kl", "logits", True, "KL to the teacher's class probabilities from --head, temperature --temperature")

@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..core.errors import ConfigError
 from ..data.pixels import normalize, to_float
@@ -40,24 +39,15 @@ def create_student(arch: str, out_dim: int, pretrained: bool = False) -> nn.Modu
         raise
 
 
-AUGMENTATIONS = ("none", "flip", "flip-crop")
-
-
 def prepare_images(images_u8: torch.Tensor, size: int, mean: float | tuple, std: float | tuple,
                    augment: str = "none", generator: Optional[torch.Generator] = None,
                    channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size).
+    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size), augmented (augment.py).
 
     Augmentations are drawn from `generator` so a resumed run draws the same ones."""
-    x = to_float(images_u8, size)
-    if augment in ("flip", "flip-crop"):
-        flip = torch.rand(x.shape[0], generator=generator) < 0.5
-        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-    if augment == "flip-crop":
-        pad = max(1, size // 8)
-        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        dx = torch.randint(0, 2 * pad + 1, (x.shape[0],), generator=generator)
-        dy = torch.randint(0, 2 * pad + 1, (x.shape[0],), generator=generator)
-        x = torch.stack([xp[i, :, dy[i]:dy[i] + size, dx[i]:dx[i] + size] for i in range(x.shape[0])])
+    from .augment import AUGMENTATIONS, render, sample_views
+
+    x = to_float(images_u8)
+    x = render(x, sample_views(len(x), AUGMENTATIONS.get(augment), generator), size)
     x = normalize(x, mean, std)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -23,12 +23,15 @@ from ..core.config import config_diff, to_dict
 from ..core.device import dtype_of, resolve_device, resolve_precision
 from ..core.distributed import DistInfo, barrier, init_distributed, local_device
 from ..core.errors import ConfigError, NonFiniteLossError
+from ..data.pixels import normalize, to_float
 from ..teacher.outputs import prepare_teacher_outputs
 from . import checkpoint
+from .augment import AUGMENTATIONS, draw_mix, identity_views, render, sample_views
 from .config import TrainConfig
 from .data import StudentData, train_val_rows
 from .methods import Batch, Method, MethodContext
-from .students import create_student, prepare_images
+from .students import create_student
+from .teaching import resolve_teaching
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ class Trainer:
         if head == "linear" and self.outs.probe is None:
             raise ConfigError("--head linear needs labels in the train split to train the probe; use --head text")
         self.head_name = head
-        self.teacher_head = (self.outs.probe if head == "linear" else self.outs.text_head(cfg.logit_scale))
+        self.logit_scale = self.outs.teacher.logit_scale if cfg.logit_scale == "auto" else float(cfg.logit_scale)
+        self.teacher_head = (self.outs.probe if head == "linear" else self.outs.text_head(self.logit_scale))
         self.teacher_head = self.teacher_head.to(self.device).eval()
         for p in self.teacher_head.parameters():
             p.requires_grad_(False)
@@ -70,11 +74,14 @@ class Trainer:
         labelled_only = not self.method.uses_unlabeled
         self.train_rows, self.val_rows, self.val_metric = train_val_rows(
             self.data, list(cfg.data), labelled_only, cfg.val_fraction, cfg.seed)
+        if cfg.pick == "agreement":  # a zero-label run: labels pick nothing either
+            self.val_metric = "teacher_agreement"
         if len(self.train_rows) < cfg.batch_size:
             raise ConfigError(f"--data {','.join(cfg.data)}: only {len(self.train_rows)} usable training images "
                               f"for --batch-size {cfg.batch_size}" + (" (the labels method ignores unlabeled "
                                                                       "images)" if labelled_only else ""))
         self.size = cfg.student_size or self.data.native_size()
+        self.aug = AUGMENTATIONS.get(cfg.augment)
         self.precision = resolve_precision(cfg.amp, self.device, "student")
         self.amp_dtype = None if self.precision == "fp32" else dtype_of(self.precision)
         if self.precision == "fp16" and self.device.type == "cpu":
@@ -90,10 +97,14 @@ class Trainer:
         opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
         self.optimizer = opt_cls(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = len(self.train_rows) // cfg.batch_size
-        total = self.steps_per_epoch * cfg.epochs
-        lam = (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))) if cfg.schedule == "cosine" else \
-            (lambda s: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lam)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(cfg.schedule, self.steps_per_epoch * cfg.epochs,
+                                      min(int(round(cfg.warmup_epochs * self.steps_per_epoch)),
+                                          self.steps_per_epoch * cfg.epochs // 2)))
+        # Last: the choice between online and cached views times the student built above.
+        self.teaching = resolve_teaching(self)
+        if self.teaching.mode == "online":
+            self.outs.teacher.to(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.epoch, self.step, self.best, self.history = 0, 0, -1.0, []
 
@@ -105,9 +116,10 @@ class Trainer:
                 "output": self.method.output, "num_classes": self.num_classes, "embed_dim": self.embed_dim,
                 "size": self.size, "classes": self.outs.classes, "prompts": self.outs.prompts,
                 "val_metric": self.val_metric, "teacher": self.outs.teacher.fingerprint(), "amp": self.precision,
+                "teaching": self.teaching.mode,
                 # The frozen head travels with the student, so export needs no teacher.
                 "teacher_head": {"kind": self.head_name, "state_dict": self.teacher_head.state_dict(),
-                                 "logit_scale": self.cfg.logit_scale}}
+                                 "logit_scale": self.logit_scale}}
 
     def state(self) -> dict:
         """What `last` holds: everything to continue exactly where the run stopped."""
@@ -152,20 +164,46 @@ class Trainer:
         then_amp = state.get("amp", self.precision)
         if then_amp != self.precision:
             return f"student precision {then_amp}, but this machine resolves it to {self.precision}"
+        then_teaching = state.get("teaching", self.teaching.mode)
+        if then_teaching != self.teaching.mode:
+            return (f"--teaching {then_teaching} (resolved from {self.cfg.teaching}), but this machine resolves it to "
+                    f"{self.teaching.mode}")
         return ""
 
     # ------------------------------------------------------------------ one batch
     def forward(self, rows, generator: Optional[torch.Generator], train: bool):
+        """One batch through the student (and, teaching online, through the teacher on the
+        very same augmented, mixed pixels). Validation and test see the plain images and the
+        cached teacher embeddings."""
         imgs, labels, temb = self.data.gather(rows)
-        x = prepare_images(imgs.to(self.device, non_blocking=True), self.size, self.cfg.student_mean,
-                           self.cfg.student_std, self.cfg.augment if train else "none", generator,
-                           self.cfg.channels_last)
+        x = to_float(imgs.to(self.device, non_blocking=True))
+        temb = temb.to(self.device)
+        if train:
+            views = self.teaching.draw(rows, generator) if self.teaching.mode == "views" else \
+                sample_views(len(x), self.aug, generator)
+            mix = draw_mix(len(x), self.cfg.mixup, generator)
+        else:
+            views, mix = identity_views(len(x)), None
+        xs = render(x, views, self.size)
+        if mix is not None:
+            xs = mix.apply(xs)
+        if train and self.teaching.mode == "online":
+            temb = self.teaching.encode(x, views, mix)
+        elif train and self.teaching.mode == "views":
+            temb = self.teaching.embeddings(rows).to(self.device)
+            if mix is not None:
+                temb = mix.apply(temb)  # an approximation: the mix of the views' embeddings
+        elif mix is not None:
+            temb = mix.apply(temb)
+        xs = normalize(xs, self.cfg.student_mean, self.cfg.student_std)
+        if self.cfg.channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with autocast:
-            out = self.model(x)
+            out = self.model(xs)
         out = out.float()
         logits = out if self.method.output == "logits" else self.teacher_head(out)
-        return Batch(out, logits, labels.to(self.device), temb.to(self.device))
+        return Batch(out, logits, labels.to(self.device), temb, mix)
 
     @torch.no_grad()
     def predict(self, rows, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,7 +290,7 @@ class Trainer:
                        f"val_{self.val_metric}": val, "img_per_s": seen / max(time.time() - t0, 1e-9),
                        "seconds": time.time() - t0}
                 self.history.append(rec)
-                improved = val > self.best
+                improved = val > self.best or cfg.pick == "last"
                 if improved:
                     self.best = val
                 if main:
@@ -270,3 +308,16 @@ class Trainer:
                 metrics.close()
             if writer:
                 writer.close()
+
+
+def lr_factor(schedule: str, total: int, warmup: int):
+    """The learning rate's factor at each step: a linear warm-up over `warmup` steps, then
+    constant or a cosine decay to 0 at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            t = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return 1.0
+    return factor

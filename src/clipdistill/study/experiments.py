@@ -26,6 +26,8 @@ QUESTIONS = [
     Question("data", "How does the data used for distillation impact accuracy?"),
     Question("architecture", "How does the student architecture impact accuracy?"),
     Question("method", "How does the distillation method impact accuracy?"),
+    Question("recipe", "Beyond the study: what gets the student to the teacher? (each row adds one change to the one "
+                       "above)"),
 ]
 
 
@@ -39,6 +41,8 @@ class Experiment:
     published: dict = field(default_factory=dict)  # suite -> the study's figure
     demo: bool = False  # part of the compact `clipdistill demo` selection
     beyond: bool = False  # not in the study
+    recipe: bool = False  # a step of the recipe ablation: trained with the suite's patient schedule
+    change: str = ""  # what this recipe step changes, for the ablation table
 
 
 EXPERIMENTS: Registry[Experiment] = Registry("experiment", flag="--only")
@@ -91,6 +95,37 @@ _add(Experiment(name="resnet18_text100_train_unlabeled", question="method", kind
                 teacher_label="openclip_text", beyond=True))
 
 
+# Beyond the study: the recipe, one change at a time (`reproduce --recipe`). Each step keeps
+# the ones above it; the suite's `patient` settings (a long cosine schedule with warm-up)
+# apply from step 1 on. The default of `clipdistill train` is `recipe_online` (kl on the
+# teacher's probabilities, random resized crops, the teacher in the loop on the same view),
+# chosen on the held-out *validation* accuracy of a one-seed screen of the steps (online 98%,
+# + mixup 96%, + labels 81%); the two steps after it are measured, not used. `recipe_zero_label`
+# is the default without any label: not to train (KL on the text head at the teacher's own
+# logit scale) nor to pick the checkpoint (teacher agreement on held-out rows).
+_RECIPE = [
+    ("recipe_patient", "a long schedule with warm-up (patience); targets still computed once on the plain images",
+     {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN_UNL, "teaching": "cached"}),
+    ("recipe_augment", "+ random resized crop and flip; targets still of the plain images (inconsistent)",
+     {"augment": "rrc", "teaching": "cached"}),
+    ("recipe_online", "+ the teacher in the loop on the student's own view (consistent teaching): the default of "
+                      "`clipdistill train`", {"teaching": "online"}),
+    ("recipe_mixup", "+ mixup (alpha 1), the teacher on the mixed view", {"mixup": 1.0}),
+    ("recipe_labels", "+ cross-entropy on the labelled part (kl+labels)", {"method": "kl+labels"}),
+]
+_acc: dict = {}
+for _name, _change, _over in _RECIPE:
+    _acc = {**_acc, **_over}
+    _add(Experiment(name=_name, question="recipe", kind="student", overrides=dict(_acc), change=_change,
+                    teacher_label="openclip_linear", beyond=True, recipe=True))
+_add(Experiment(name="recipe_zero_label", question="recipe", kind="student",
+                overrides={"student": "resnet18", "method": "kl", "head": "text", "logit_scale": "auto",
+                           "temperature": 1.0, "data": _TRAIN_UNL, "augment": "rrc", "teaching": "online",
+                           "pick": "agreement"},
+                change="the default with zero labels: KL on the text head at the teacher's own logit scale, best "
+                       "epoch by teacher agreement", teacher_label="openclip_text", beyond=True, recipe=True))
+
+
 # ----------------------------------------------------------------------------- suites
 
 @dataclass(frozen=True)
@@ -102,17 +137,24 @@ class Suite:
     students: dict = field(default_factory=dict)
     # Overrides for rows that train on exactly these splits ("train", "train+unlabeled").
     by_data: dict = field(default_factory=dict)
+    # Overrides for the recipe rows: the patient schedule.
+    patient: dict = field(default_factory=dict)
 
 
 SUITES: Registry[Suite] = Registry("suite", flag="--suite")
+
+# The study's own ways, pinned in every suite's rows (the defaults of `clipdistill train` are the
+# new recipe): targets once on plain images, no augmentation, best epoch by held-out accuracy.
+_STUDY_RECIPE = {"augment": "none", "mixup": 0.0, "teaching": "cached", "warmup_epochs": 0.0, "pick": "auto"}
 
 SUITES.add("stl10", Suite(
     "stl10",
     "the study itself: OpenCLIP ViT-B-32 (laion2b_s34b_b79k) teacher, STL10 at 96 px, the study's settings "
     "(Adam 3e-4, batch 64, 50 epochs, constant lr, Normalize(0.5, 0.25), no augmentation)",
     {"teacher": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "dataset": "stl10", "epochs": 50, "batch_size": 64,
-     "lr": 3e-4, "schedule": "constant", "student_mean": 0.5, "student_std": 0.25, "augment": "none",
-     "probe_lr": 3e-4, "probe_epochs": 15}))
+     "lr": 3e-4, "schedule": "constant", "student_mean": 0.5, "student_std": 0.25, "probe_lr": 3e-4,
+     "probe_epochs": 15, **_STUDY_RECIPE},
+    patient={"epochs": 200, "lr": 1e-3, "schedule": "cosine", "warmup_epochs": 2}))
 
 # shapes10 is 32 px: a ResNet's 7x7/2 stem + max-pool leaves 8x8 of it, and resnet18 learnt
 # only 49.7% in the demo's budget where timm's deep-stem "t" ResNets (three 3x3 convs) reached
@@ -128,9 +170,10 @@ SUITES.add("shapes10", Suite(
     "without (about the same number of images seen)",
     {"teacher": "tiny-shapes", "dataset": "shapes10", "image_size": 32, "epochs": 4,
      "batch_size": 64, "lr": 2e-3, "schedule": "cosine", "student_mean": 0.5, "student_std": 0.25,
-     "augment": "none"},
+     **_STUDY_RECIPE},
     students={"resnet18": "resnet10t", "resnet34": "resnet14t", "resnet50": "resnet26t"},
-    by_data={"train": {"epochs": 40}}))
+    by_data={"train": {"epochs": 40}},
+    patient={"epochs": 20, "warmup_epochs": 1}))
 
 
 def build_config(suite: str, name: str, **overrides: Any):
@@ -139,10 +182,11 @@ def build_config(suite: str, name: str, **overrides: Any):
     from ..teacher.evaluate import TeacherEvalConfig
 
     s, e = SUITES.get(suite), EXPERIMENTS.get(name)
-    values = {**s.base, **e.overrides}
+    values = {**s.base, **(s.patient if e.recipe else {}), **e.overrides}
     if e.kind == "student":
         values["student"] = s.students.get(values["student"], values["student"])
-        values.update(s.by_data.get("+".join(values["data"]), {}))
+        if not e.recipe:
+            values.update(s.by_data.get("+".join(values["data"]), {}))
     values.update(overrides)
     if e.kind == "student":
         return TrainConfig(**values)
@@ -150,8 +194,15 @@ def build_config(suite: str, name: str, **overrides: Any):
     return TeacherEvalConfig(**{k: v for k, v in values.items() if k in names})
 
 
-def select(suite: str, only: Optional[list[str]] = None, full: bool = False) -> list[Experiment]:
+def select(suite: str, only: Optional[list[str]] = None, full: bool = False, recipe: bool = False
+           ) -> list[Experiment]:
+    """The rows to run: `only` these; else the demo's, or all of the study's (`full`), plus the
+    recipe ablation (`recipe`, with the study's best row as its reference)."""
     SUITES.get(suite)
     if only:
         return [EXPERIMENTS.get(n) for n in only]
-    return [EXPERIMENTS.get(n) for n in EXPERIMENTS if full or EXPERIMENTS.get(n).demo]
+    rows = [EXPERIMENTS.get(n) for n in EXPERIMENTS]
+    keep = [e for e in rows if not e.recipe and (full or e.demo)]
+    if recipe:
+        keep += [e for e in rows if e.recipe and e not in keep]
+    return keep

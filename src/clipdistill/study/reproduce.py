@@ -24,7 +24,10 @@ class ReproduceConfig:
     suite: str = option("shapes10", "stl10 (the study: real teacher and data, GPU advised) or shapes10 (offline)",
                         choices=["stl10", "shapes10"])
     only: list[str] = option(default_factory=list, help="run only these experiments (see `clipdistill experiments`)")
-    full: bool = option(False, "every experiment of the suite, not the compact selection")
+    full: bool = option(False, "every experiment of the study, not the compact selection")
+    recipe: bool = option(False, "add the recipe ablation (beyond the study: patience, consistent teaching, mixup, "
+                                 "labels, zero labels), with its ablation table")
+    seeds: int = option(1, "train every student row with seeds 0..N-1; the report shows mean ± std")
     out: str = option("", "report folder; default runs/reproduce-SUITE", metavar="DIR")
     cache_dir: str = option(default_factory=default_cache_dir, help="datasets, teachers and embeddings",
                             metavar="DIR")
@@ -41,6 +44,7 @@ class ReproduceConfig:
         for n in self.only:
             EXPERIMENTS.get(n)
         check(self.epochs >= 0, "epochs", "must be >= 0")
+        check(self.seeds >= 1, "seeds", "must be >= 1")
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/reproduce-{self.suite}")
@@ -54,11 +58,12 @@ class DemoConfig:
     cache_dir: str = option(default_factory=default_cache_dir, help="datasets, teachers and embeddings",
                             metavar="DIR")
     epochs: int = option(0, "override every student's epochs (0: the suite's)")
+    seeds: int = option(1, "train every student row with seeds 0..N-1 (mean ± std)")
     progress: bool = option(True, "show progress bars")
 
     def reproduce_config(self) -> ReproduceConfig:
         return ReproduceConfig(suite="shapes10", full=self.full, out=self.out, cache_dir=self.cache_dir,
-                               epochs=self.epochs, progress=self.progress, device="cpu")
+                               epochs=self.epochs, seeds=self.seeds, progress=self.progress, device="cpu")
 
 
 # Settings of `reproduce` that change results: every row is built with them and the report
@@ -74,9 +79,11 @@ def _runtime(cfg: ReproduceConfig) -> dict:
     return o
 
 
-def _student_config(cfg: ReproduceConfig, name: str):
+def _student_config(cfg: ReproduceConfig, name: str, seed: int = 0):
+    """One seed of one student row; its run folder is OUT/NAME/seedS."""
     extra = {"epochs": cfg.epochs} if cfg.epochs else {}
-    return build_config(cfg.suite, name, **_runtime(cfg), out=str(cfg.out_dir() / name), **extra)
+    return build_config(cfg.suite, name, **_runtime(cfg), out=str(cfg.out_dir() / name / f"seed{seed}"), seed=seed,
+                        **extra)
 
 
 def _teacher_config(cfg: ReproduceConfig, name: str):
@@ -89,7 +96,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
 
     t0 = time.time()
     out = cfg.out_dir()
-    exps = select(cfg.suite, cfg.only, cfg.full)
+    exps = select(cfg.suite, cfg.only, cfg.full, cfg.recipe)
     teacher_box: dict = {}
 
     def teacher(c):
@@ -103,16 +110,19 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     _preflight(cfg, exps)
     records, teacher_result = [], None
     for i, e in enumerate(exps, 1):
-        log.info("[%d/%d] %s", i, len(exps), e.name)
         if e.kind == "student":
-            tcfg = _student_config(cfg, e.name)
-            result = train(tcfg, teacher=None if _finished(tcfg) else teacher(tcfg))
+            results = []
+            for seed in range(cfg.seeds):
+                log.info("[%d/%d] %s%s", i, len(exps), e.name, f" (seed {seed})" if cfg.seeds > 1 else "")
+                tcfg = _student_config(cfg, e.name, seed)
+                results.append(train(tcfg, teacher=None if _finished(tcfg) else teacher(tcfg)))
         else:
+            log.info("[%d/%d] %s", i, len(exps), e.name)
             if teacher_result is None:
                 ecfg = _teacher_config(cfg, e.name)
                 teacher_result = _reuse_teacher_eval(ecfg) or teacher_eval(ecfg, teacher=teacher(ecfg))
-            result = teacher_result
-        records.append(record(e, cfg.suite, result))
+            results = [teacher_result]
+        records.append(record(e, cfg.suite, results))
     records = _with_other_finished_rows(cfg, exps, records)
     overrides = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in RESULT_OVERRIDES if getattr(cfg, k))
     header = (f"Made by `clipdistill reproduce --suite {cfg.suite}` on {time.strftime('%Y-%m-%d')} "
@@ -169,15 +179,15 @@ def _with_other_finished_rows(cfg: ReproduceConfig, exps, records: list) -> list
 
     done = {e.name for e in exps}
     by_name = {r["name"]: r for r in records}
-    for e in select(cfg.suite, full=True):
+    for e in select(cfg.suite, full=True, recipe=True):
         if e.name in done:
             continue
         if e.kind == "student":
-            result = finished_result(_student_config(cfg, e.name))
+            results = [r for r in (finished_result(_student_config(cfg, e.name, s)) for s in range(cfg.seeds)) if r]
         else:
-            result = _reuse_teacher_eval(_teacher_config(cfg, e.name))
-        if result is not None:
-            by_name[e.name] = record(e, cfg.suite, result)
+            results = [r for r in [_reuse_teacher_eval(_teacher_config(cfg, e.name))] if r]
+        if results:
+            by_name[e.name] = record(e, cfg.suite, results)
     return [by_name[n] for n in EXPERIMENTS if n in by_name]
 
 
@@ -187,7 +197,8 @@ def _preflight(cfg: ReproduceConfig, exps) -> None:
     from ..data.datasets import create_dataset, default_data_root
     from ..teacher.openclip_teacher import resolve_weights
 
-    if all(e.kind == "student" and _finished(_student_config(cfg, e.name)) for e in exps):
+    if all(e.kind == "student" and all(_finished(_student_config(cfg, e.name, s)) for s in range(cfg.seeds))
+           for e in exps):
         return
     c = build_config(cfg.suite, exps[0].name, **_runtime(cfg))
     problems = []
@@ -237,10 +248,12 @@ def list_experiments() -> str:
             cfg = build_config(suite, name, progress=False)
             if e.kind == "student":
                 what = (f"student {cfg.student}, method {cfg.method}, head {cfg.head}, data {'+'.join(cfg.data)}, "
-                        f"epochs {cfg.epochs}, lr {cfg.lr}, logit scale {cfg.logit_scale}, T {cfg.temperature}")
+                        f"epochs {cfg.epochs}, lr {cfg.lr}, logit scale {cfg.logit_scale}, T {cfg.temperature}, "
+                        f"augment {cfg.augment}, mixup {cfg.mixup:g}, teaching {cfg.teaching}")
             else:
                 what = "teacher " + ("zero-shot (text prompts)" if e.kind == "zero_shot" else "linear probe on train")
-            flags = ("demo " if e.demo else "") + ("beyond-the-study" if e.beyond else "")
+            flags = ("demo " if e.demo else "") + ("recipe " if e.recipe else "") + \
+                ("beyond-the-study" if e.beyond else "")
             pub = e.published.get(suite)
             lines.append(f"  {name:<44} {what}" + (f"; study: {pub}" if pub is not None else "") +
                          (f" [{flags.strip()}]" if flags.strip() else ""))

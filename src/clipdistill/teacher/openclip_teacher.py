@@ -173,6 +173,28 @@ class Teacher:
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
+    def to(self, device: torch.device) -> "Teacher":
+        """Move to `device` (a torchrun rank's own GPU), keeping the precision."""
+        device = torch.device(device)
+        if device != self.device:
+            self.model.to(device)
+            self.device = device
+        return self
+
+    @property
+    def logit_scale(self) -> float:
+        """The scale CLIP learnt for its cosines (ViT-B-32 laion2b: 100, the clamp; tiny-shapes: 17.4)."""
+        scale = getattr(self.model, "logit_scale", None)
+        return float(scale.detach().float().exp()) if scale is not None else 100.0
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) of the teacher's input, read from its own preprocess."""
+        for t in getattr(self.preprocess, "transforms", []):
+            if type(t).__name__ == "Normalize":
+                return tuple(float(v) for v in t.mean), tuple(float(v) for v in t.std)
+        return (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
     def fingerprint(self) -> dict:
         return {"model": self.name, "weights": self.weights.weights_id, "preprocess": repr(self.preprocess),
                 "precision": self.precision}
