@@ -85,6 +85,16 @@ def test_mixup_mixes_inputs_and_labels_alike():
     torch.testing.assert_close(got, want)
 
 
+def test_labelled_images_weigh_as_much_as_unlabeled_ones():
+    logits = torch.randn(8, 5)
+    labels = torch.tensor([1, -1, -1, -1, 3, -1, -1, -1])
+    per_image = torch.nn.functional.cross_entropy(logits[[0, 4]], labels[[0, 4]], reduction="none")
+    torch.testing.assert_close(label_cross_entropy(logits, labels), per_image.sum() / 8)
+    everyone = torch.tensor([1, 0, 2, 3, 3, 4, 0, 1])  # all labelled: the plain mean
+    torch.testing.assert_close(label_cross_entropy(logits, everyone), torch.nn.functional.cross_entropy(logits, everyone))
+    assert label_cross_entropy(logits, torch.full((8,), -1)).item() == 0.0
+
+
 def test_warmup_then_cosine():
     f = lr_factor("cosine", total=100, warmup=10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)

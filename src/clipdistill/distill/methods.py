@@ -34,11 +34,15 @@ from .augment import Mix
 # ----------------------------------------------------------------------------- loss functions
 
 def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """CE(logits, y) averaged over labelled samples (y >= 0); 0 when the batch has none."""
+    """CE(logits, y) summed over the labelled samples (y >= 0) and divided by the whole
+    batch: every image weighs the same in `kl+labels`, labelled or not. (Averaged over the
+    labelled rows only, the ~9% labelled images of shapes10's train+unlabeled each weighed
+    11x an unlabeled one, and kl+labels reached 34% after 4 epochs where kl alone reached
+    87% and this normalisation 90%.) Equal to the plain mean when every row is labelled."""
     mask = labels >= 0
     if not mask.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask].float(), labels[mask])
+    return F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum") / len(labels)
 
 
 def kl_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
