@@ -53,6 +53,11 @@ class Costs:
             return n * self.student + views * n * self.teacher / epochs
         return n * self.student
 
+    def pick(self, views: int, epochs: int) -> str:
+        """online (exact, mixup included) unless the teacher costs more than a student step
+        and the K views, embedded once, are fewer than the epochs that reuse them."""
+        return "views" if self.teacher > self.student and views < epochs else "online"
+
 
 class Teaching:
     """The resolved teaching mode of a run and what it needs at each step."""
@@ -217,8 +222,7 @@ def _auto(t: "Trainer") -> str:
         costs = _measure(t)
         n = len(t.train_rows)
         per = {m: costs.per_epoch(n, m, cfg.views, cfg.epochs) for m in ("cached", "online", "views")}
-        slow_teacher = costs.teacher > costs.student
-        choice = "views" if slow_teacher and cfg.views < cfg.epochs else "online"
+        choice = costs.pick(cfg.views, cfg.epochs)
         log.info("teaching auto -> %s: the teacher takes %.2f ms per image, a student step %.2f ms; seconds per "
                  "epoch of %d images: online %.1f, views %.1f (%d views embedded once, spread over %d epochs), "
                  "cached %.1f (targets of the plain images only)", choice, costs.teacher * 1e3,
