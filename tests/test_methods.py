@@ -44,9 +44,10 @@ def test_mse_and_cosine_values():
 
 
 def test_label_cross_entropy_ignores_unlabeled():
+    # the unlabeled row adds no loss but counts in the batch: each image weighs 1/N
     logits = torch.tensor([[2.0, 0.0], [0.0, 5.0]])
     labels = torch.tensor([0, -1])
-    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1)) / 2
     assert label_cross_entropy(logits, labels).item() == pytest.approx(expected, rel=1e-6)
     none = label_cross_entropy(logits.requires_grad_(), torch.tensor([-1, -1]))
     assert none.item() == 0.0
