@@ -90,3 +90,30 @@ def test_teacher_eval_of_the_tiny_teacher_meets_the_bar(tmp_path, cache_dir, tra
     assert res["zero_shot_accuracy"] >= 85.0, res
     assert res["linear_probe_accuracy"] >= res["zero_shot_accuracy"], res
     assert res["n_test"] == 2000 and (tmp_path / "teacher_eval.json").exists()
+
+
+def test_zero_shot_on_a_folder_with_only_test_images(tmp_path, cache_dir, trained_teacher_file):
+    """Zero-shot needs no training image: a folder with test/<class>/ alone is evaluated
+    (the probe is reported as absent, not refused)."""
+    import json
+
+    from PIL import Image
+
+    from clipdistill.data.shapes10 import CLASSES, generate
+
+    images, labels = generate("test", 200, 32, seed=5)
+    keep = ["circle", "square", "star", "heart"]
+    for i, (img, y) in enumerate(zip(images, labels)):
+        if CLASSES[y] in keep:
+            d = tmp_path / "data" / "test" / CLASSES[y]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(d / f"{i}.png")
+    (tmp_path / "prompts.txt").write_text("".join(f"a {c}\n" for c in sorted(keep)))
+    args = ["teacher-eval", "--teacher", "tiny-shapes", "--pretrained", str(trained_teacher_file), "--dataset",
+            "folder", "--data-root", str(tmp_path / "data"), "--prompts", str(tmp_path / "prompts.txt"),
+            "--cache-dir", str(cache_dir), "--out", str(tmp_path / "out"), "--no-progress"]
+    res = json.loads(run_cli(*args, "--json").stdout)
+    assert res["classes"] == sorted(keep) and res["n_test"] == int(sum(CLASSES[y] in keep for y in labels))
+    assert res["zero_shot_accuracy"] >= 70.0, res  # chance 25%; the teacher is ~95% on shapes10
+    assert res["linear_probe_accuracy"] is None and res["probe"] is None
+    assert "no labelled train/ images" in run_cli(*args).stdout

@@ -181,7 +181,9 @@ def _run_teacher_eval(cfg, args) -> int:
     else:
         print(f"teacher {cfg.teacher} on {cfg.dataset} test ({res['n_test']} images):")
         print(f"  zero-shot (text prompts): {res['zero_shot_accuracy']:.2f}%")
-        print(f"  linear probe:             {res['linear_probe_accuracy']:.2f}%")
+        lp = res["linear_probe_accuracy"]
+        print(f"  linear probe:             {lp:.2f}%" if lp is not None else
+              "  linear probe:             - (no labelled train/ images)")
         print(f"wrote {res['path']}")
     return 0
 

@@ -12,6 +12,15 @@ class ConfigError(ClipDistillError, ValueError):
     exit_code = 2
 
 
+class MissingSplitError(ConfigError):
+    """A dataset has no such split (a folder without train/, say): callers that can do
+    without it (zero-shot evaluation needs no training images) catch this one."""
+
+    def __init__(self, message: str, split: str):
+        super().__init__(message)
+        self.split = split
+
+
 class MissingResourceError(ClipDistillError, FileNotFoundError):
     """Weights or data are not on disk and cannot be downloaded from here."""
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..core.errors import ConfigError, MissingResourceError
+from ..core.errors import ConfigError, MissingResourceError, MissingSplitError
 from ..core.network import reachable
 from ..core.registry import Registry
 from .images import display_path, open_rgb
@@ -188,8 +188,8 @@ class ImageFolder(ImageDataset):
             raise ConfigError(f"--data-root {root}: no test/ folder. Accuracy is measured on images kept apart from "
                               f"training: put them in {base / 'test'}/<class>/ (same class names as train)")
         elif by_split:
-            raise ConfigError(f"--data-root {root}: no {split}/ folder beside {', '.join(d + '/' for d in by_split)}; "
-                              f"add {base / split}/ or use the splits that exist")
+            raise MissingSplitError(f"--data-root {root}: no {split}/ folder beside {', '.join(d + '/' for d in by_split)}; "
+                              f"add {base / split}/ or use the splits that exist", split)
         else:
             folder = base  # a single folder of images, for embed/predict-style use
         ref = base / "train" if (base / "train").is_dir() else folder

@@ -4,6 +4,7 @@ table: zero-shot with text prompts, and a linear probe)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,11 +13,14 @@ import torch
 
 from ..core import atomic
 from ..core.config import check, option, to_dict
+from ..core.errors import MissingSplitError
 from ..data.options import DataOptions
 from .heads import ProbeConfig, accuracy
 from .openclip_teacher import Teacher
 from .options import TeacherOptions
 from .outputs import prepare_teacher_outputs
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -47,8 +51,15 @@ class TeacherEvalConfig(TeacherOptions, DataOptions):
 
 def teacher_eval(cfg: TeacherEvalConfig, teacher: Optional[Teacher] = None) -> dict:
     t0 = time.time()
-    outs = prepare_teacher_outputs(cfg, cfg, ["train", "test"], probe=cfg.probe_config(), teacher=teacher,
-                                   progress=cfg.progress)
+    try:  # the datasets are opened before the teacher is loaded: a missing split costs nothing
+        outs = prepare_teacher_outputs(cfg, cfg, ["train", "test"], probe=cfg.probe_config(), teacher=teacher,
+                                       progress=cfg.progress)
+    except MissingSplitError as e:
+        if e.split != "train":
+            raise
+        log.info("--data-root %s has no train/ folder: zero-shot only (the linear probe needs labelled "
+                 "training images)", cfg.data_root)
+        outs = prepare_teacher_outputs(cfg, cfg, ["test"], probe=None, teacher=teacher, progress=cfg.progress)
     emb, labels = outs.labelled("test")
     x, y = torch.from_numpy(emb), torch.from_numpy(labels)
     keep = y >= 0
@@ -56,18 +67,18 @@ def teacher_eval(cfg: TeacherEvalConfig, teacher: Optional[Teacher] = None) -> d
     n_cls = len(outs.classes)
     with torch.no_grad():
         zs, zs_pc = accuracy(outs.text_head(cfg.logit_scale)(x), y, n_cls)
-        lp, lp_pc = accuracy(outs.probe(x), y, n_cls)
+        lp, lp_pc = accuracy(outs.probe(x), y, n_cls) if outs.probe is not None else (None, None)
     result = {
         "zero_shot_accuracy": zs,
         "linear_probe_accuracy": lp,
         "zero_shot_per_class": dict(zip(outs.classes, zs_pc)),
-        "linear_probe_per_class": dict(zip(outs.classes, lp_pc)),
+        "linear_probe_per_class": dict(zip(outs.classes, lp_pc)) if lp_pc is not None else None,
         "n_test": int(len(y)),
         "classes": outs.classes,
         "prompts": outs.prompts,
         "templates": outs.templates,
         "teacher": outs.teacher.fingerprint(),
-        "probe": {k: v for k, v in outs.probe_info.items() if k != "history"},
+        "probe": {k: v for k, v in outs.probe_info.items() if k != "history"} if outs.probe_info else None,
         "config": to_dict(cfg),
         "seconds": round(time.time() - t0, 2),
     }
