@@ -185,6 +185,17 @@ def test_folder_splits_never_fall_back_to_training_images_and_share_train_classe
     img(root / "test" / "wolf" / "0.png")
     with pytest.raises(ConfigError, match="wolf"):
         create_dataset("folder", "test", str(root))
+    # a pool kept in folders by date: its sub-folders are never classes, hidden ones are skipped
+    img(root / "unlabeled" / "2024-05" / "b.png")
+    img(root / "unlabeled" / "2024-06" / "day2" / "c.png")
+    img(root / "unlabeled" / ".thumbnails" / "d.png")
+    unl = create_dataset("folder", "unlabeled", str(root))
+    assert unl.classes == ["cat", "dog", "fox"] and list(unl.targets) == [-1, -1, -1]
+    assert sorted(p.name for p in unl.files) == ["a.png", "b.png", "c.png"]
+    pool = tmp_path / "pool"  # no labelled split at all: the prompts will name the classes
+    img(pool / "unlabeled" / "batch1" / "0.png")
+    img(pool / "unlabeled" / "batch2" / "0.png")
+    assert create_dataset("folder", "unlabeled", str(pool)).classes == []
     (tmp_path / "only_train" / "train" / "cat").mkdir(parents=True)
     img(tmp_path / "only_train" / "train" / "cat" / "0.png")
     with pytest.raises(ConfigError, match="no unlabeled/ folder"):

@@ -201,3 +201,31 @@ def test_a_run_is_not_resumed_or_evaluated_against_another_teacher_or_precision(
 def test_the_test_split_is_never_training_data(cache_dir, trained_teacher_file):
     with pytest.raises(ConfigError, match="--data"):
         TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, data=["train", "test"]))
+
+
+def test_zero_label_training_on_a_nested_pool(tmp_path, cache_dir, trained_teacher_file):
+    """Prompts + a pool kept in nested folders (pool/unlabeled/2024-05/...) + a labelled test/:
+    the pool's folders are not classes, the prompts name them, nothing labelled is trained on."""
+    from PIL import Image
+
+    from clipdistill.data.shapes10 import CLASSES, generate
+
+    keep = ["circle", "heart", "square", "star"]
+    images, labels = generate("unlabeled", 240, 32, seed=3)
+    for i, img in enumerate(images):
+        d = tmp_path / "data" / "unlabeled" / f"2024-0{i % 3 + 1}" / ("day2" if i % 2 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i}.png")
+    images, labels = generate("test", 120, 32, seed=4)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        if CLASSES[y] in keep:
+            (tmp_path / "data" / "test" / CLASSES[y]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(tmp_path / "data" / "test" / CLASSES[y] / f"{i}.png")
+    (tmp_path / "prompts.txt").write_text("".join(f"a {c}\n" for c in keep))
+    res = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, dataset="folder",
+                                           data_root=str(tmp_path / "data"), prompts=str(tmp_path / "prompts.txt"),
+                                           data=["unlabeled"], head="text", epochs=1, student_size=32,
+                                           max_images=0, out=str(tmp_path / "run"))))
+    assert res["n_test"] == sum(CLASSES[y] in keep for y in labels)
+    assert "val_teacher_agreement" in res and "val_accuracy" not in res  # no label picked the epoch
+    assert list(res["per_class_accuracy"]) == keep and 0 <= res["test_accuracy"] <= 100

@@ -166,7 +166,8 @@ def _is_candidate(p: Path) -> bool:
 
 
 class ImageFolder(ImageDataset):
-    """A folder of images: sub-folders are classes; a flat folder is unlabeled (-1).
+    """A folder of images: sub-folders are classes; a flat folder is unlabeled (-1); the
+    unlabeled split is a pool, read recursively, whose sub-folders are never classes.
 
     With the common DIR/{train,unlabeled,test}/ layout each split reads its own folder, and
     every split labels classes by the train split's list, so a class missing from test/ can
@@ -193,9 +194,18 @@ class ImageFolder(ImageDataset):
         else:
             folder = base  # a single folder of images, for embed/predict-style use
         ref = base / "train" if (base / "train").is_dir() else folder
-        self.classes = [d.name for d in _class_dirs(ref)]
         files: list[tuple[Path, int]] = []
-        subdirs = _class_dirs(folder)
+        if split == "unlabeled":
+            # A pool: photos are kept in folders by date, camera, batch... Its sub-folders never
+            # mean classes; the classes are the labelled splits' (or, with none, the prompts').
+            ref = next((base / s for s in ("train", "test") if (base / s).is_dir()), None)
+            self.classes = [d.name for d in _class_dirs(ref)] if ref else []
+            files = [(p, -1) for p in sorted(folder.rglob("*")) if _is_candidate(p)
+                     and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+            subdirs = []
+        else:
+            self.classes = [d.name for d in _class_dirs(ref)]
+            subdirs = _class_dirs(folder)
         if subdirs:
             unknown = [d.name for d in subdirs if d.name not in self.classes]
             if unknown:
@@ -205,7 +215,7 @@ class ImageFolder(ImageDataset):
             for d in subdirs:
                 label = self.classes.index(d.name)
                 files += [(p, label) for p in sorted(d.rglob("*")) if _is_candidate(p)]
-        else:
+        elif split != "unlabeled":
             files = [(p, -1) for p in sorted(folder.iterdir()) if _is_candidate(p)]
         if not files:
             raise ConfigError(f"--data-root {folder}: the folder is empty; put images in it (sub-folders as classes)")
