@@ -55,14 +55,13 @@ def barrier(info: DistInfo) -> None:
 
 
 
-def broadcast_choice(choice, options: tuple, info: DistInfo):
+def broadcast_choice(choice, options: tuple, info: DistInfo, device: torch.device):
     """Rank 0's `choice` (one of `options`) on every rank: a decision one rank measured, such
-    as the teaching mode. Sent as an index tensor (nothing is pickled)."""
+    as the teaching mode. Sent as an index tensor on the rank's own device (NCCL needs it
+    there; nothing is pickled)."""
     if not info.enabled:
         return choice
-    t = torch.tensor([options.index(choice) if info.is_main else -1], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([options.index(choice) if info.is_main else -1], dtype=torch.int64, device=device)
     dist.broadcast(t, src=0)
     return options[int(t.item())]
 

@@ -229,7 +229,7 @@ def _auto(t: "Trainer") -> str:
                  costs.student * 1e3, n, per["online"], per["views"], cfg.views, cfg.epochs, per["cached"])
         t.teaching_costs = {"teacher_ms_per_image": costs.teacher * 1e3, "student_ms_per_image": costs.student * 1e3,
                             **{f"seconds_per_epoch_{m}": v for m, v in per.items()}}
-    return broadcast_choice(choice, ("online", "views"), t.dist)
+    return broadcast_choice(choice, ("online", "views"), t.dist, t.device)
 
 
 def _prepare_views(t: "Trainer", teaching: Teaching) -> None:
