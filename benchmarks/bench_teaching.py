@@ -84,15 +84,12 @@ def study_rows() -> list[dict]:
 
     from _common import random_vit_teacher
     from clipdistill.core.device import resolve_precision
-    from clipdistill.distill.teaching import Costs
+    from clipdistill.distill.teaching import Costs, seconds_per_image
 
     precision = resolve_precision("auto", torch.device("cpu"), "teacher")
     teacher = random_vit_teacher(precision)
     x = torch.randn(16, 3, 224, 224)
-    teacher.encode_images(x)
-    t0 = time.perf_counter()
-    teacher.encode_images(x)
-    t_teacher = (time.perf_counter() - t0) / len(x)
+    t_teacher = seconds_per_image(lambda: teacher.encode_images(x), len(x))
     student = timm.create_model("resnet18", num_classes=10).to(memory_format=torch.channels_last)
     xs = torch.randn(32, 3, 96, 96).contiguous(memory_format=torch.channels_last)
     amp = resolve_precision("auto", torch.device("cpu"), "student")
@@ -102,10 +99,7 @@ def study_rows() -> list[dict]:
             out = student(xs)
         out.float().sum().backward()
 
-    step()
-    t0 = time.perf_counter()
-    step()
-    t_student = (time.perf_counter() - t0) / len(xs)
+    t_student = seconds_per_image(step, len(xs))
     costs, n, epochs, views = Costs(t_teacher, t_student), 105_000, SUITES.get("stl10").patient["epochs"], 8
     picked = costs.pick(views, epochs)
     rows = []

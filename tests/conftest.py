@@ -127,3 +127,31 @@ def exported(trained_run, tmp_path_factory) -> dict:
                           "--threads", "1", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"fp32": out, "int8": int8_path(out, "cpu"), "result": json.loads(proc.stdout), "stderr": proc.stderr}
+
+
+def last_epoch(run: Path) -> int:
+    """The epoch of RUN's last checkpoint, 0 while there is none (or it is being replaced)."""
+    from clipdistill.distill import checkpoint
+
+    p = run / "checkpoints" / "last.safetensors"
+    try:
+        return checkpoint.load(p)["epoch"] if p.exists() else 0
+    except Exception:  # noqa: BLE001 - being replaced right now
+        return 0
+
+
+def kill_after_first_epoch(args: list[str], out: Path, settle: float) -> int:
+    """Run `clipdistill ARGS --out OUT`, SIGKILL it `settle` seconds after its first epoch's
+    checkpoint lands, and return the epoch it had checkpointed."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "clipdistill", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and last_epoch(out) < 1 and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(settle)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return last_epoch(out)

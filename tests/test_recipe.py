@@ -8,17 +8,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, train_kwargs
+from conftest import kill_after_first_epoch, run_cli, train_kwargs
 
 from clipdistill.distill import checkpoint
 from clipdistill.distill.augment import AUGMENTATIONS, Mix, draw_mix, identity_views, render, sample_views
@@ -180,14 +178,6 @@ def test_zero_label_runs_pick_by_teacher_agreement(tmp_path, cache_dir, trained_
 
 # ----------------------------------------------------------------------------- resume and torchrun
 
-def _last_epoch(run: Path) -> int:
-    try:
-        state = checkpoint.load(run / "checkpoints" / "last.safetensors")
-        return state["epoch"] if state else 0
-    except Exception:  # noqa: BLE001 - being replaced right now
-        return 0
-
-
 def _online_args(teacher: Path, cache_dir: Path) -> list[str]:
     return ["train", "--pretrained", str(teacher), "--cache-dir", str(cache_dir), "--max-images", "400",
             "--student", "resnet10t", "--method", "kl+labels", "--head", "linear", "--data", "train,unlabeled",
@@ -198,15 +188,7 @@ def _online_args(teacher: Path, cache_dir: Path) -> list[str]:
 def test_a_killed_online_run_resumes_to_the_same_weights(tmp_path, cache_dir, trained_teacher_file):
     args = _online_args(trained_teacher_file, cache_dir)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "clipdistill", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and _last_epoch(killed) < 1 and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 1 <= _last_epoch(killed) < 3, "the run finished before it could be killed"
+    assert 1 <= kill_after_first_epoch(args, killed, settle=0.3) < 3, "the run finished before it could be killed"
     run_cli(*args, "--out", str(killed))
     run_cli(*args, "--out", str(tmp_path / "clean"))
     a = checkpoint.load(killed / "checkpoints" / "last.safetensors")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, train_kwargs
+from conftest import kill_after_first_epoch, run_cli, train_kwargs
 
 from clipdistill.distill import checkpoint
 from clipdistill.core.errors import ConfigError
@@ -92,28 +91,12 @@ def test_finished_run_is_reused_and_other_config_refused(tmp_path, cache_dir, tr
         train(TrainConfig(**{**kw, "lr": 1e-3}))
 
 
-def _last_epoch(run: Path) -> int:
-    p = run / "checkpoints" / "last.safetensors"
-    try:
-        return checkpoint.load(p)["epoch"] if p.exists() else 0
-    except Exception:  # noqa: BLE001 - being replaced right now
-        return 0
-
-
 def test_sigkill_then_resume_auto_ends_with_the_same_weights(tmp_path, cache_dir, trained_teacher_file):
     args = ["train", "--pretrained", str(trained_teacher_file), "--cache-dir", str(cache_dir), "--max-images", "2000",
             "--student", "resnet10t", "--method", "kl", "--head", "linear", "--data", "train", "--epochs", "3",
             "--lr", "2e-3", "--no-progress", "--amp", "fp32"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "clipdistill", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and _last_epoch(killed) < 1 and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)  # into epoch 2
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    epoch_at_kill = _last_epoch(killed)
+    epoch_at_kill = kill_after_first_epoch(args, killed, settle=0.5)  # into epoch 2
     assert 1 <= epoch_at_kill < 3, "the run finished before it could be killed"
     assert not (killed / "result.json").exists()
 

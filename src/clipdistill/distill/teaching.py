@@ -22,14 +22,14 @@ import dataclasses
 import logging
 import json
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
 
 from ..data.pixels import normalize, to_float
 from ..teacher.cache import EmbeddingCache, cache_path
-from .augment import Augmentation, Mix, render, sample_views
+from .augment import Augmentation, Mix, identity_views, render, sample_views
 
 if TYPE_CHECKING:  # the trainer builds these objects and imports this module: no run-time import back
     from .trainer import Trainer
@@ -59,6 +59,16 @@ class Costs:
         return "views" if self.teacher > self.student and views < epochs else "online"
 
 
+def teacher_pixels(teacher, x: torch.Tensor, views: torch.Tensor, mix: Optional[Mix] = None) -> torch.Tensor:
+    """The teacher's input for views of float images in [0, 1]: rendered at its side, mixed,
+    normalised its way. Online teaching, the cached views and the cost probe all use it."""
+    xt = render(x, views, teacher.image_size)
+    if mix is not None:
+        xt = mix.apply(xt)
+    mean, std = teacher.normalization
+    return normalize(xt, mean, std)
+
+
 class Teaching:
     """The resolved teaching mode of a run and what it needs at each step."""
 
@@ -72,13 +82,8 @@ class Teaching:
     # ------------------------------------------------------------------ online
     def encode(self, x: torch.Tensor, views: torch.Tensor, mix: Optional[Mix]) -> torch.Tensor:
         """The teacher's embeddings of the views (float (N, 3, H, W) in [0, 1] sources)."""
-        t = self.trainer
-        teacher = t.outs.teacher
-        xt = render(x, views, teacher.image_size)
-        if mix is not None:
-            xt = mix.apply(xt)
-        mean, std = teacher.normalization
-        emb = teacher.encode_images(normalize(xt, mean, std))
+        teacher = self.trainer.outs.teacher
+        emb = teacher.encode_images(teacher_pixels(teacher, x, views, mix))
         return emb.clone()  # out of inference mode: a loss may keep it for backward (mse)
 
     # ------------------------------------------------------------------ views
@@ -137,7 +142,6 @@ def _fill_views(t: "Trainer", split_index: int, params: torch.Tensor) -> Embeddi
             return cache
         log.info("embedding %d augmented views of each of the %d %s images once (%s)", k, n, name, path)
         pixels = t.data.images[split_index]
-        mean, std = teacher.normalization
         bs = cfg.embed_batch_size
         bar = tqdm(total=k * n, initial=cache.done, unit="img", desc=f"teacher views {name}",
                    disable=not cfg.progress, dynamic_ncols=True)
@@ -146,7 +150,7 @@ def _fill_views(t: "Trainer", split_index: int, params: torch.Tensor) -> Embeddi
             v, i = divmod(pos, n)
             end = min(i + bs, n)
             x = to_float(torch.from_numpy(np.ascontiguousarray(pixels[i:end])).to(teacher.device))
-            emb = teacher.encode_images(normalize(render(x, params[v, i:end], teacher.image_size), mean, std))
+            emb = teacher.encode_images(teacher_pixels(teacher, x, params[v, i:end]))
             cache.write(pos, emb.cpu().numpy(), np.ones(end - i, dtype=np.uint8))
             cache.commit(pos + end - i)
             bar.update(end - i)
@@ -155,42 +159,37 @@ def _fill_views(t: "Trainer", split_index: int, params: torch.Tensor) -> Embeddi
     return cache
 
 
-def _measure(t: "Trainer", n: int = 32) -> Costs:
-    """Time the teacher on `n` training images at its side, and one student step on them."""
-    rows = t.train_rows.take(np.arange(min(n, len(t.train_rows))))
-    imgs, _, _ = t.data.gather(rows)
-    x = to_float(imgs.to(t.device))
-    teacher = t.outs.teacher
-    mean, std = teacher.normalization
-    xt = normalize(render(x, torch.zeros(len(x), 5).index_fill_(1, torch.tensor([0, 1]), 1.0), teacher.image_size),
-                   mean, std)
-    teacher.encode_images(xt)  # warm-up
+def seconds_per_image(fn: Callable[[], object], n: int) -> float:
+    """One call of `fn` (on `n` images) after a warm-up call, in seconds per image."""
+    fn()
     t0 = time.perf_counter()
-    teacher.encode_images(xt)
-    t_teacher = (time.perf_counter() - t0) / len(x)
-    # the student: forward + backward on a throw-away copy (the real one keeps its state)
+    fn()
+    return (time.perf_counter() - t0) / n
+
+
+def _measure(t: "Trainer", n: int = 32) -> Costs:
+    """Time the teacher on `n` training images at its side, and one student step on them
+    (forward + backward on a throw-away copy: the real student keeps its state)."""
     import copy
 
     from .checkpoint import unwrap
 
+    rows = t.train_rows.take(np.arange(min(n, len(t.train_rows))))
+    imgs, _, _ = t.data.gather(rows)
+    x = to_float(imgs.to(t.device))
+    views = identity_views(len(x))
+    teacher = t.outs.teacher
+    xt = teacher_pixels(teacher, x, views)
     model = copy.deepcopy(unwrap(t.model))  # the plain module (not its DDP wrapper)
-    xs = normalize(render(x, torch.zeros(len(x), 5).index_fill_(1, torch.tensor([0, 1]), 1.0), t.size),
-                   t.cfg.student_mean, t.cfg.student_std)
-    if t.cfg.channels_last:
-        xs = xs.contiguous(memory_format=torch.channels_last)
+    xs = t.student_pixels(x, views, None)
 
     def step() -> None:
-        autocast = torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype else torch.autocast(
-            t.device.type, enabled=False)
-        with autocast:
+        with t.autocast():
             out = model(xs)
         out.float().sum().backward()
 
-    step()
-    t0 = time.perf_counter()
-    step()
-    t_student = (time.perf_counter() - t0) / len(x)
-    return Costs(teacher=t_teacher, student=t_student)
+    return Costs(teacher=seconds_per_image(lambda: teacher.encode_images(xt), len(x)),
+                 student=seconds_per_image(step, len(x)))
 
 
 def resolve_teaching(t: "Trainer") -> Teaching:

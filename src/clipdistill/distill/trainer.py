@@ -184,9 +184,7 @@ class Trainer:
             mix = draw_mix(len(x), self.cfg.mixup, generator)
         else:
             views, mix = identity_views(len(x)), None
-        xs = render(x, views, self.size)
-        if mix is not None:
-            xs = mix.apply(xs)
+        xs = self.student_pixels(x, views, mix)
         if train and self.teaching.mode == "online":
             temb = self.teaching.encode(x, views, mix)
         elif train and self.teaching.mode == "views":
@@ -195,15 +193,24 @@ class Trainer:
                 temb = mix.apply(temb)  # an approximation: the mix of the views' embeddings
         elif mix is not None:
             temb = mix.apply(temb)
-        xs = normalize(xs, self.cfg.student_mean, self.cfg.student_std)
-        if self.cfg.channels_last:
-            xs = xs.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        with autocast:
+        with self.autocast():
             out = self.model(xs)
         out = out.float()
         logits = out if self.method.output == "logits" else self.teacher_head(out)
         return Batch(out, logits, labels.to(self.device), temb, mix)
+
+    def student_pixels(self, x: torch.Tensor, views: torch.Tensor, mix) -> torch.Tensor:
+        """The student's input for views of float images in [0, 1]: rendered at its size,
+        mixed, normalised, in its memory format."""
+        xs = render(x, views, self.size)
+        if mix is not None:
+            xs = mix.apply(xs)
+        xs = normalize(xs, self.cfg.student_mean, self.cfg.student_std)
+        return xs.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else xs
+
+    def autocast(self):
+        """The student's mixed precision (a no-op context in fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
 
     @torch.no_grad()
     def predict(self, rows, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
