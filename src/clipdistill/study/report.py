@@ -77,21 +77,19 @@ def write_report(records: list[dict], out: Path, suite: str, header: str = "") -
 
 
 def ablation_table(records: list[dict], rows: list[dict]) -> list[str]:
-    """Which change bought what: each recipe step against the one before it (the first
-    against the study's best row), with a verdict the seeds' spread supports."""
-    base = next((r for r in records if r["name"] == "resnet18_linear_train_unlabeled"), None)
-    steps = ([base] if base else []) + [r for r in rows if r["name"] != "recipe_zero_label"]
+    """Which change bought what: each recipe step against the row it names (`compare_to`:
+    the step before it, the first against the study's best row), with a verdict the seeds'
+    spread supports; a row that compares to nothing (the zero-label one) has no gain."""
+    by_name = {r["name"]: r for r in records}
     lines = ["| Step | Change | Test accuracy | Gain over the step above |", "|---|---|---|---|"]
-    prev = None
-    for r in steps:
-        change = EXPERIMENTS.get(r["name"]).change or "the study's best row (its settings, this suite's size)"
-        gain = "-" if prev is None else _gain(prev, r)
-        lines.append(f"| {r['name']} | {change} | {accuracy_cell(r)} | {gain} |")
-        prev = r
-    zero = next((r for r in rows if r["name"] == "recipe_zero_label"), None)
-    if zero:
-        lines.append(f"| recipe_zero_label | {EXPERIMENTS.get('recipe_zero_label').change} | {accuracy_cell(zero)} | "
-                     f"- |")
+    base = by_name.get(EXPERIMENTS.get(rows[0]["name"]).compare_to) if rows else None
+    if base is not None:
+        lines.append(f"| {base['name']} | the study's best row (its settings, this suite's size) | "
+                     f"{accuracy_cell(base)} | - |")
+    for r in rows:
+        e = EXPERIMENTS.get(r["name"])
+        ref = by_name.get(e.compare_to)
+        lines.append(f"| {r['name']} | {e.change} | {accuracy_cell(r)} | {_gain(ref, r) if ref else '-'} |")
     return lines
 
 
