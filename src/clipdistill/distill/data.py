@@ -29,6 +29,13 @@ class Rows:
     def take(self, idx: np.ndarray) -> "Rows":
         return Rows(self.split[idx], self.row[idx])
 
+    def groups(self):
+        """(split id, positions in these rows, row indices in that split) for each split
+        present: whatever is read per split is read once per batch, in one fancy index."""
+        for k in np.unique(self.split):
+            pos = np.flatnonzero(self.split == k)
+            yield int(k), pos, self.row[pos]
+
 
 class StudentData:
     def __init__(self, outs, splits: list[str], student_size: Optional[int], progress: bool = True):
@@ -57,9 +64,7 @@ class StudentData:
         """(uint8 images N,H,W,3; labels; teacher embeddings float32) in the order of `rows`."""
         n = len(rows)
         imgs = labels = emb = None
-        for k in np.unique(rows.split):
-            pos = np.flatnonzero(rows.split == k)
-            r = rows.row[pos]
+        for k, pos, r in rows.groups():
             im = self.images[k][r]
             if imgs is None:
                 imgs = np.empty((n,) + im.shape[1:], dtype=np.uint8)

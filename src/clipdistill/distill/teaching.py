@@ -93,19 +93,17 @@ class Teaching:
         k = torch.randint(0, self.trainer.cfg.views, (len(rows),), generator=generator).numpy()
         self._k = k
         out = torch.empty(len(rows), 5)
-        for s in np.unique(rows.split):
-            pos = np.flatnonzero(rows.split == s)
-            out[pos] = self.view_params[int(s)][k[pos], rows.row[pos]]
+        for s, pos, r in rows.groups():
+            out[pos] = self.view_params[s][k[pos], r]
         return out
 
     def embeddings(self, rows) -> torch.Tensor:
         k = self._k
         out = None
-        for s in np.unique(rows.split):
-            pos = np.flatnonzero(rows.split == s)
-            cache = self.view_caches[int(s)]
+        for s, pos, r in rows.groups():
+            cache = self.view_caches[s]
             n = cache.count // self.trainer.cfg.views
-            got = np.asarray(cache.embeddings[k[pos] * n + rows.row[pos]], dtype=np.float32)
+            got = np.asarray(cache.embeddings[k[pos] * n + r], dtype=np.float32)
             if out is None:
                 out = np.empty((len(rows), got.shape[1]), dtype=np.float32)
             out[pos] = got
