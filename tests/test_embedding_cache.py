@@ -162,9 +162,9 @@ def test_folder_splits_never_fall_back_to_training_images_and_share_train_classe
     from clipdistill.data.datasets import create_dataset
     from clipdistill.core.errors import ConfigError
 
-    def img(path):
+    def img(path):  # distinct pixels per file: identical files would be one image of a pool
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+        Image.fromarray(np.full((8, 8, 3), len(list(tmp_path.rglob("*.png"))), dtype=np.uint8)).save(path)
 
     single = tmp_path / "single"
     img(single / "cat" / "0.png")

@@ -36,14 +36,17 @@ class DatasetRequest:
     root: str
     image_size: int = 32
     max_images: int = 0  # 0 = all; else the first N of the split
+    pools: tuple[str, ...] = ()  # folder: more unlabeled trees of images (--pool)
+    cache_dir: Optional[str] = None  # where a pool's index is kept (none: indexed in memory only)
 
 
 DATASETS: Registry[Callable[[DatasetRequest], ImageDataset]] = Registry("dataset", flag="--dataset")
 
 
-def create_dataset(name: str, split: str, root: str, image_size: int = 32, max_images: int = 0) -> ImageDataset:
+def create_dataset(name: str, split: str, root: str, image_size: int = 32, max_images: int = 0,
+                   pools: tuple[str, ...] = (), cache_dir: Optional[str] = None) -> ImageDataset:
     ds = DATASETS.get(name)(DatasetRequest(name=name, split=split, root=root, image_size=image_size,
-                                           max_images=max_images))
+                                           max_images=max_images, pools=tuple(pools), cache_dir=cache_dir))
     if max_images and len(ds) > max_images:
         ds = FirstN(ds, max_images)
     return ds
@@ -166,8 +169,8 @@ def _is_candidate(p: Path) -> bool:
 
 
 class ImageFolder(ImageDataset):
-    """A folder of images: sub-folders are classes; a flat folder is unlabeled (-1); the
-    unlabeled split is a pool, read recursively, whose sub-folders are never classes.
+    """A labelled split of a folder of images: sub-folders are classes; a flat folder is
+    unlabeled (-1). The unlabeled split is a pool (pool.py), whose sub-folders are never classes.
 
     With the common DIR/{train,unlabeled,test}/ layout each split reads its own folder, and
     every split labels classes by the train split's list, so a class missing from test/ can
@@ -179,6 +182,9 @@ class ImageFolder(ImageDataset):
 
     def __init__(self, root: str, split: str):
         base = Path(root)
+        if not root and split == "test":
+            raise MissingSplitError("no labelled test images (give --data-root or --eval DIR with test/<class>/)",
+                                    split)
         if not base.is_dir():
             raise ConfigError(f"--data-root {root}: not a folder; give a folder of images "
                               f"(sub-folders as classes, or flat for unlabeled images)")
@@ -186,8 +192,8 @@ class ImageFolder(ImageDataset):
         if (base / split).is_dir():
             folder = base / split
         elif split == "test":
-            raise ConfigError(f"--data-root {root}: no test/ folder. Accuracy is measured on images kept apart from "
-                              f"training: put them in {base / 'test'}/<class>/ (same class names as train)")
+            raise MissingSplitError(f"--data-root {root}: no test/ folder. Accuracy is measured on images kept apart from "
+                              f"training: put them in {base / 'test'}/<class>/ (same class names as train)", split)
         elif by_split:
             raise MissingSplitError(f"--data-root {root}: no {split}/ folder beside {', '.join(d + '/' for d in by_split)}; "
                               f"add {base / split}/ or use the splits that exist", split)
@@ -195,17 +201,8 @@ class ImageFolder(ImageDataset):
             folder = base  # a single folder of images, for embed/predict-style use
         ref = base / "train" if (base / "train").is_dir() else folder
         files: list[tuple[Path, int]] = []
-        if split == "unlabeled":
-            # A pool: photos are kept in folders by date, camera, batch... Its sub-folders never
-            # mean classes; the classes are the labelled splits' (or, with none, the prompts').
-            ref = next((base / s for s in ("train", "test") if (base / s).is_dir()), None)
-            self.classes = [d.name for d in _class_dirs(ref)] if ref else []
-            files = [(p, -1) for p in sorted(folder.rglob("*")) if _is_candidate(p)
-                     and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-            subdirs = []
-        else:
-            self.classes = [d.name for d in _class_dirs(ref)]
-            subdirs = _class_dirs(folder)
+        self.classes = [d.name for d in _class_dirs(ref)]
+        subdirs = _class_dirs(folder)
         if subdirs:
             unknown = [d.name for d in subdirs if d.name not in self.classes]
             if unknown:
@@ -215,7 +212,7 @@ class ImageFolder(ImageDataset):
             for d in subdirs:
                 label = self.classes.index(d.name)
                 files += [(p, label) for p in sorted(d.rglob("*")) if _is_candidate(p)]
-        elif split != "unlabeled":
+        else:
             files = [(p, -1) for p in sorted(folder.iterdir()) if _is_candidate(p)]
         if not files:
             raise ConfigError(f"--data-root {folder}: the folder is empty; put images in it (sub-folders as classes)")
@@ -250,4 +247,33 @@ class ImageFolder(ImageDataset):
 
 @DATASETS.register("folder")
 def _folder(req: DatasetRequest) -> ImageDataset:
+    if req.split == "unlabeled":
+        return _pool(req)
     return ImageFolder(req.root, req.split)
+
+
+def _pool(req: DatasetRequest) -> ImageDataset:
+    """The unlabeled split: DIR/unlabeled/** (or a DIR without split folders) plus every --pool,
+    indexed and deduplicated (pool.py). Its classes are the labelled splits' (or the prompts')."""
+    from .pool import PoolDataset, index_pool
+
+    base = Path(req.root) if req.root else None
+    dirs: list[Path] = []
+    classes: list[str] = []
+    if base is not None and base.is_dir():
+        by_split = [s for s in SPLIT_DIRS if (base / s).is_dir()]
+        ref = next((base / s for s in ("train", "test") if (base / s).is_dir()), None)
+        classes = [d.name for d in _class_dirs(ref)] if ref else []
+        if (base / "unlabeled").is_dir():
+            dirs.append(base / "unlabeled")
+        elif not by_split and not req.pools:
+            dirs.append(base)  # a single folder of images
+        elif not req.pools:
+            raise MissingSplitError(f"--data-root {req.root}: no unlabeled/ folder beside "
+                                    f"{', '.join(d + '/' for d in by_split)}; add {base / 'unlabeled'}/ (any tree "
+                                    f"of images) or give --pool DIR", "unlabeled")
+    elif base is not None and not req.pools:
+        raise ConfigError(f"--data-root {req.root}: not a folder; give a folder of images (sub-folders as classes, "
+                          f"or flat for unlabeled images)")
+    dirs += [Path(p) for p in req.pools]
+    return PoolDataset(index_pool(dirs, req.cache_dir), classes)

@@ -49,8 +49,10 @@ def evaluate_trainer(trainer: Trainer, extra: dict | None = None) -> dict:
     checkpoint.unwrap(trainer.model).load_state_dict(state["model"])
     # The head the student was trained and picked with, exactly as `export` folds it in.
     trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
-    test = trainer.data.rows("test")
-    s, t, y = trainer.predict(test)
+    # Without labelled test images (a pool alone), the held-out pool rows that picked `best`
+    # are all there is: agreement with the teacher there, and no accuracy.
+    has_test = "test" in trainer.data.names
+    s, t, y = trainer.predict(trainer.data.rows("test") if has_test else trainer.val_rows)
     keep = y >= 0
     pred, tpred = s.argmax(1), t.argmax(1)
     acc = float((pred[keep] == y[keep]).float().mean() * 100) if keep.any() else float("nan")
@@ -65,7 +67,8 @@ def evaluate_trainer(trainer: Trainer, extra: dict | None = None) -> dict:
         "teacher_agreement": float((pred == tpred).float().mean() * 100),
         "teacher_test_accuracy": float((tpred[keep] == y[keep]).float().mean() * 100) if keep.any() else None,
         "per_class_accuracy": per_class,
-        "n_test": int(len(y)),
+        "n_test": int(len(y)) if has_test else 0,
+        "agreement_on": "test" if has_test else "held-out training rows (no test split)",
         "best_epoch": state["epoch"],
         f"val_{state['val_metric']}": state["best"],
         "epochs": cfg.epochs,

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.config import check, option
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
-from ..data.datasets import create_dataset, default_data_root
+from ..data.datasets import default_data_root
 from ..data.options import DataOptions
 from .cache import CacheDamagedError, EmbeddingCache, cache_path
 from .openclip_teacher import Teacher, create_teacher
@@ -155,7 +155,7 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
 
 
 def embed(cfg: EmbedConfig, teacher: Optional[Teacher] = None) -> EmbeddingCache:
-    ds = create_dataset(cfg.dataset, cfg.split, cfg.resolved_data_root, cfg.image_size, cfg.max_images)  # cheap errors first
+    ds = cfg.open_split(cfg.split, cfg.cache_dir)  # cheap errors first
     teacher = teacher or create_teacher(cfg.teacher, cfg.pretrained, cfg.device, cfg.precision, cfg.cache_dir)
     path = cache_path(cfg.cache_dir, teacher.slug, ds.slug(), cfg.split)
     return fill_cache(teacher, ds, path, cfg.embed_batch_size, cfg.workers, cfg.overwrite, cfg.progress)

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from ..core import atomic
-from ..core.errors import ConfigError
-from ..data.datasets import create_dataset, default_data_root
+from ..core.errors import ConfigError, MissingSplitError
 from ..data.options import DataOptions
 from ..data.prompts import read_prompts, read_templates
 from .cache import cache_path
@@ -50,12 +49,20 @@ class TeacherOutputs:
 
 def prepare_teacher_outputs(topt: TeacherOptions, dopt: DataOptions, splits: list[str], probe: Optional[ProbeConfig]
                             = None, teacher: Optional[Teacher] = None, progress: bool = True,
-                            overwrite: bool = False, probe_required: bool = True) -> TeacherOutputs:
-    """`probe_required=False`: train the probe only if the train split has labels (`--head auto`)."""
-    root = dopt.data_root or default_data_root(topt.cache_dir)
-    datasets = {s: create_dataset(dopt.dataset, s, root, dopt.image_size, dopt.max_images) for s in splits}  # cheap errors first
+                            overwrite: bool = False, probe_required: bool = True, optional: tuple[str, ...] = ()
+                            ) -> TeacherOutputs:
+    """`probe_required=False`: train the probe only if the train split has labels (`--head auto`).
+    Splits in `optional` that the dataset does not have are left out (a pool with no test/)."""
+    datasets = {}
+    for s in splits:  # cheap errors first
+        try:
+            datasets[s] = dopt.open_split(s, topt.cache_dir)
+        except MissingSplitError:
+            if s not in optional:
+                raise
+            log.info("no %s split: it is left out", s)
     teacher = teacher or create_teacher(topt.teacher, topt.pretrained, topt.device, topt.precision, topt.cache_dir)
-    first = datasets[splits[0]]
+    first = next(iter(datasets.values()))
     classes = list(first.classes)
     prompts = read_prompts(dopt.prompts, classes, list(first.prompts))
     templates = read_templates(dopt.templates) or (list(first.templates) if first.templates else None)
