@@ -106,6 +106,19 @@ def trained_run(tmp_path_factory, cache_dir, random_teacher_file) -> Path:
     return run
 
 
+@pytest.fixture(scope="session")
+def embedding_run(tmp_path_factory, cache_dir, trained_teacher_file) -> Path:
+    """A real distilled student that learnt the teacher's embedding (mse; the probe as its head) with the
+    quick recipe: re-prompting and compression start from it."""
+    from clipdistill.distill.config import TrainConfig
+    from clipdistill.distill.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "resnet10t-mse"
+    train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method="mse", head="linear",
+                                     data=["train", "unlabeled"], out=str(run))))
+    return run
+
+
 def cli_subprocess(*args: str, code: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
     """`clipdistill ARGS` in a fresh interpreter; `code` runs after main() (e.g. to report
     which modules it imported)."""

@@ -13,7 +13,7 @@ import clipdistill
 
 ROOT = Path(clipdistill.__file__).parent
 # The road, in order; a module may import from its own stage and the ones before it.
-LAYERS = ["core", "data", "teacher", "distill", "deploy", "study"]
+LAYERS = ["core", "data", "teacher", "distill", "deploy", "fit", "study"]
 APP = {"clipdistill.cli", "clipdistill.__main__", "clipdistill", "clipdistill.train", "clipdistill.stl10"}
 
 

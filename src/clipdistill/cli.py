@@ -11,6 +11,7 @@ import errno
 import importlib
 import json
 import sys
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -55,6 +56,16 @@ VERBS.add("embed", Verb(
     "--data-root ~/data\n  clipdistill embed --dataset folder --data-root ~/my_images --split train",
     ".teacher.embed:EmbedConfig", ".cli:_run_embed"))
 
+VERBS.add("make-pool", Verb(
+    "write an offline example of your own job: a nested pool of photos, prompts and a labelled test folder",
+    "Renders shapes10 scenes of all ten classes into OUT/pool/ as photos are kept (folders by month, bursts, "
+    "byte-identical copies, a few broken files), prompts for some classes into OUT/classes.txt and labelled "
+    "images of those classes into OUT/eval/test/<class>/. Most of the pool matches no prompt, as in real photo "
+    "folders. What `fit-prompts` is measured on.\n\n"
+    "examples:\n  clipdistill make-pool --out my-pool\n"
+    "  clipdistill make-pool --out my-pool --classes ring,cross,square,heart --seed 1",
+    ".data.example_pool:PoolConfig", ".cli:_run_make_pool", _json_flag))
+
 VERBS.add("teacher-eval", Verb(
     "zero-shot and linear-probe accuracy of the teacher (the study's first table)",
     "Caches the train and test embeddings, classifies the test split with the text head (cosine to the class "
@@ -92,9 +103,10 @@ def _print_result(res: dict, args) -> None:
     if getattr(args, "json", False):
         print(json.dumps(res, default=str))
         return
-    print(f"{res['run_dir']}: test accuracy {res['test_accuracy']:.2f}%, teacher agreement "
-          f"{res['teacher_agreement']:.2f}% ({res['student']}, {res['method']}, head {res['head']}, "
-          f"data {res['data']})")
+    acc = res["test_accuracy"]
+    where = f"test accuracy {acc:.2f}%" if res.get("n_test") and acc == acc else "no labelled test images"
+    print(f"{res['run_dir']}: {where}, teacher agreement {res['teacher_agreement']:.2f}% ({res['student']}, "
+          f"{res['method']}, head {res['head']}, data {res['data']})")
 
 
 def _run_train(cfg, args) -> int:
@@ -172,6 +184,32 @@ def _run_embed(cfg, args) -> int:
     return 0
 
 
+def _run_fit(cfg, args) -> int:
+    from .fit.pipeline import fit_prompts
+
+    res = fit_prompts(cfg)
+    if args.json:
+        print(json.dumps(res, default=str))
+    else:
+        print((Path(res["out"]) / "REPORT.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
+def _run_make_pool(cfg, args) -> int:
+    from .data.example_pool import make_pool
+
+    res = make_pool(cfg)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"wrote {res['pool']}: {res['images']} images of all ten shapes10 classes in nested folders, "
+              f"{res['duplicates']} duplicates, {res['broken']} broken files ({res['matching_prompts']} images "
+              f"match a prompt)\nprompts for {', '.join(res['classes'])}: {res['prompts']}\nlabelled test images: "
+              f"{res['eval']}/test/ ({res['test_images']})\nnext: clipdistill fit-prompts --prompts {res['prompts']} "
+              f"--pool {res['pool']} --eval {res['eval']} --out runs/my-classifier")
+    return 0
+
+
 def _run_teacher_eval(cfg, args) -> int:
     from .teacher.evaluate import teacher_eval
 
@@ -203,6 +241,17 @@ VERBS.add("export", Verb(
     "  clipdistill export --teacher ViT-B-32 --pretrained random --out vit-b-32.onnx   # speed/memory only",
     ".deploy.export:ExportConfig", ".deploy.export:run_cli", _json_flag))
 
+VERBS.add("compress", Verb(
+    "QAT (INT8 Q/DQ) or 2:4 sparsity of a trained student, in the form TensorRT builds",
+    "NVIDIA Model Optimizer on the run's best student: `ptq` calibrates INT8 fake quantization (TensorRT's form: "
+    "symmetric int8, per-channel weights); `qat` then fine-tunes a few epochs with the run's own recipe; "
+    "`sparse24` prunes every eligible layer to 2:4 and fine-tunes. Writes RUN/model.MODE.onnx (Q/DQ nodes, or "
+    "2:4 zeros in the weights) with its sidecar, the accuracy before and after (PyTorch and ONNX Runtime), and the "
+    "trtexec command that builds it on a TensorRT machine.\n\n"
+    "examples:\n  clipdistill compress --run runs/RUN --mode qat\n"
+    "  clipdistill compress --run runs/RUN --mode sparse24 --epochs 5",
+    ".deploy.compress:CompressConfig", ".deploy.compress:run_cli", _json_flag))
+
 VERBS.add("bench", Verb(
     "throughput, latency and memory of ONNX models per backend; the student/teacher table",
     "Each (model, backend) row runs in a fresh process: warm-up, then timed batches of random input; reports "
@@ -213,6 +262,20 @@ VERBS.add("bench", Verb(
     "  clipdistill bench --model runs/RUN/model.int8.onnx --model runs/RUN/model.onnx --backend ort-cpu,torch\n"
     "  clipdistill bench --model student.onnx --backend trtexec     # on a Jetson or GPU machine",
     ".deploy.bench:BenchConfig", ".deploy.bench:run_cli", _json_flag))
+
+VERBS.add("fit-prompts", Verb(
+    "your classes in words + your unlabeled images -> a small deployable classifier, no labels",
+    "One command for the whole road: index the pool (duplicates counted once, broken files listed), embed it with "
+    "the teacher, curate it per prompt (contact sheets of what was kept), train the student with the teacher in "
+    "the loop on its own augmented views, assess it without labels (agreement and confusion against the teacher, "
+    "a sheet of disagreements, a calibrated 'none of these' threshold), export ONNX and INT8. With --eval, accuracy "
+    "on labelled images too. Everything goes to --out; killed, the same command continues where it stopped.\n\n"
+    "examples:\n  clipdistill make-pool --out demo-pool      # an offline example pool\n"
+    "  clipdistill fit-prompts --prompts demo-pool/classes.txt --pool demo-pool/pool --eval demo-pool/eval "
+    "--out runs/demo-fit\n"
+    "  clipdistill fit-prompts --teacher ViT-B-32 --pretrained laion2b_s34b_b79k --prompts classes.txt "
+    "--pool ~/Pictures --out runs/mine",
+    ".fit.config:FitConfig", ".cli:_run_fit", _json_flag))
 
 VERBS.add("predict", Verb(
     "top-k classes per image from an exported ONNX model (ONNX Runtime, numpy and Pillow only)",

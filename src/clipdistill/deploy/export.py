@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from ..core import atomic
 from ..core.config import check, default_cache_dir, option
-from ..core.errors import ClipDistillError, ConfigError, MissingResourceError
+from ..core.errors import ClipDistillError, ConfigError, MissingResourceError, MissingSplitError
 from ..distill import checkpoint
 from ..distill.rundir import RunDir
 from ..teacher.heads import build_head, head_spec
@@ -85,6 +85,9 @@ class ExportConfig:
     max_drop: float = option(1.0, "INT8: fail when test accuracy drops by more than this many points")
     cache_dir: str = option("", "where datasets (and teachers) are cached; default: the run's", metavar="DIR")
     threads: int = option(0, "ONNX Runtime threads for the checks; 0 = its default")
+    prompts: Optional[str] = option(None, "new classes without retraining: a text file, one prompt per class; the head "
+                                          "of an embedding student (mse/cosine) is rebuilt from the run's teacher's "
+                                          "text embeddings of these prompts", metavar="FILE")
 
     def __post_init__(self) -> None:
         check(bool(self.run) or bool(self.teacher), "run",
@@ -112,6 +115,13 @@ class ExportConfig:
         check(self.eval_images >= 0, "eval_images", "must be >= 0 (0 = all)")
         check(self.max_drop >= 0, "max_drop", "must be >= 0")
         check(self.threads >= 0, "threads", "must be >= 0")
+        if self.prompts is not None:
+            from ..data.prompts import read_lines
+
+            read_lines(self.prompts, "--prompts")
+            check(bool(self.run) and not self.teacher, "prompts", "re-prompts a run's embedding student; give --run")
+            check(not self.int8, "prompts", "the INT8 check measures accuracy on the run's own test labels, which "
+                                            "new prompts do not have; export with --prompts first, without --int8")
 
 
 # ----------------------------------------------------------------------------- modules
@@ -173,8 +183,10 @@ def _student_input(size: int, mean: float, std: float) -> dict:
             "resize": "stretch", "interpolation": "bilinear"}
 
 
-def load_student(run: str | Path, which: str = "best", size: int = 0) -> tuple[Loaded, dict]:
-    """(the student with its head folded in, the raw checkpoint)."""
+def load_student(run: str | Path, which: str = "best", size: int = 0, prompts: Optional[str] = None,
+                 cache_dir: str = "") -> tuple[Loaded, dict]:
+    """(the student with its head folded in, the raw checkpoint). With `prompts`, an embedding
+    student's head is rebuilt for those prompts (`reprompt`)."""
     from ..distill.students import create_student
 
     rundir = RunDir(run)
@@ -197,6 +209,12 @@ def load_student(run: str | Path, which: str = "best", size: int = 0) -> tuple[L
     trained = int(state["size"])
     side = size or trained
     result = rundir.read_result() or {}
+    calibration = atomic.read_json(rundir.path / "calibration.json") if (rundir.path / "calibration.json").is_file() \
+        else None
+    if prompts is not None:
+        state, spec, head = reprompt(state, prompts, cache_dir or cfg.get("cache_dir") or default_cache_dir())
+        n_cls = int(state["num_classes"])
+        result, calibration = {}, None  # measured for the old classes
     info = {
         "role": "student", "name": cfg["student"], "output": "logits", "student_output": output,
         "head": spec["kind"] if spec else "none",
@@ -207,9 +225,45 @@ def load_student(run: str | Path, which: str = "best", size: int = 0) -> tuple[L
         "input": _student_input(side, cfg["student_mean"], cfg["student_std"]),
         "accuracy": {k: result[k] for k in ("test_accuracy", "teacher_agreement", "teacher_test_accuracy", "n_test")
                      if k in result} | ({"source": "result.json (PyTorch, best checkpoint)"} if result else {}),
-        "source": {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": which, "epoch": state.get("epoch")},
+        "source": {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": which, "epoch": state.get("epoch"),
+                   **({"prompts": str(prompts)} if prompts is not None else {})},
     }
+    if calibration and isinstance(calibration.get("reject_threshold"), (int, float)):
+        info["reject_threshold"] = float(calibration["reject_threshold"])
+        info["reject_calibration"] = calibration
     return Loaded(Deployable(student, head).eval(), info), state
+
+
+def reprompt(state: dict, prompts: str, cache_dir: str) -> tuple[dict, dict, nn.Module]:
+    """An embedding student's checkpoint with a text head for new prompts: the student learnt
+    the teacher's image embedding, so any prompts the teacher can read are a head for it."""
+    from ..data.prompts import read_lines
+    from ..teacher.openclip_teacher import create_teacher
+    from ..teacher.outputs import text_embeddings
+
+    if state["output"] != "embedding":
+        raise ConfigError(f"--prompts: this student learnt class logits ({state.get('method')}), not the teacher's "
+                          f"embedding; only an embedding student (--method mse or cosine) can take new prompts. "
+                          f"Train one, or distil again with these prompts")
+    lines = read_lines(prompts, "--prompts")
+    tcfg = state["config"]
+    fp = state.get("teacher") or {}
+    teacher = create_teacher(tcfg["teacher"], tcfg.get("pretrained"), "cpu", fp.get("precision", "fp32"), cache_dir)
+    if fp and teacher.fingerprint() != fp:
+        raise ConfigError(f"--prompts: the run's teacher ({fp.get('model')}, {fp.get('weights')}) is not what loads "
+                          f"here ({teacher.fingerprint().get('weights')}); give --cache-dir where it is")
+    text = text_embeddings(teacher, lines, None, cache_dir)
+    if text.shape[1] != int(state["embed_dim"]):
+        raise ConfigError(f"--prompts: the teacher's text embeddings are {text.shape[1]}-d, the student's "
+                          f"{state['embed_dim']}-d")
+    scale = float(state["teacher_head"].get("logit_scale") or teacher.logit_scale)
+    spec = head_spec("text", len(lines), int(state["embed_dim"]), scale)
+    head = build_head(spec, {"text": text})
+    new = {**state, "num_classes": len(lines), "classes": lines, "prompts": lines,
+           "teacher_head": {"kind": "text", "state_dict": head.state_dict(), "logit_scale": scale}}
+    log.info("re-prompted: %d classes from %s (%s text embeddings, logit scale %.1f)", len(lines), prompts,
+             fp.get("model"), scale)
+    return new, spec, head
 
 
 def _clip_input(preprocess, size: int) -> dict:
@@ -292,7 +346,9 @@ def _split(cfg: dict, split: str, cache_dir: str, size: int) -> tuple[np.ndarray
     """(uint8 images N,H,W,3 at the run's native size, labels) of one split of the run's dataset."""
     from ..data.datasets import create_dataset
 
-    ds = create_dataset(cfg["dataset"], split, _data_root(cfg, cache_dir), image_size=cfg.get("image_size", 32))
+    root = _data_root(cfg, cache_dir) if cfg.get("data_root") or not cfg.get("pool") else ""
+    ds = create_dataset(cfg["dataset"], split, root, image_size=cfg.get("image_size", 32),
+                        pools=tuple(cfg.get("pool") or ()), cache_dir=cache_dir or cfg.get("cache_dir"))
     return ds.pixels(size), np.asarray(ds.targets, dtype=np.int64)
 
 
@@ -454,6 +510,8 @@ def default_out(cfg: ExportConfig, loaded: Loaded) -> Path:
     if cfg.run:
         if cfg.teacher:
             return RunDir(cfg.run).teacher_onnx
+        if cfg.prompts:
+            return RunDir(cfg.run).path / f"model-{Path(cfg.prompts).stem}.onnx"
         return RunDir(cfg.run).onnx(loaded.info["input"]["size"], loaded.info["trained_size"])
     return Path(f"{cfg.teacher}{'-random' if cfg.pretrained == 'random' else ''}.onnx")
 
@@ -463,7 +521,7 @@ def export(cfg: ExportConfig) -> dict:
     state = None
     run_cfg = None
     if cfg.run:
-        loaded, state = load_student(cfg.run, cfg.checkpoint, cfg.size)
+        loaded, state = load_student(cfg.run, cfg.checkpoint, cfg.size, cfg.prompts, cfg.cache_dir)
         run_cfg = state["config"]
     if cfg.teacher:
         cache = cfg.cache_dir or (run_cfg or {}).get("cache_dir") or default_cache_dir()
@@ -524,16 +582,22 @@ def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_se
         q_tmp = Path(tmp) / "model.int8.onnx"
         log.info("int8 (%s): calibrating on %d training images (%s)", cfg.int8_target, len(calib), cfg.calib_method)
         qinfo = quantize_int8(fp32_path, q_tmp, calib, cfg.int8_target, cfg.calib_method)
-        test, labels = _split(run_cfg, "test", cfg.cache_dir, info["trained_size"])
-        pick = _subset(len(test), cfg.eval_images, seed=0)
+        try:
+            test, labels = _split(run_cfg, "test", cfg.cache_dir, info["trained_size"])
+            eval_split = f"{run_cfg['dataset']} test"
+        except MissingSplitError:  # a pool with no labelled images: how many predictions change
+            test, labels = _split(run_cfg, run_cfg["data"][0], cfg.cache_dir, info["trained_size"])
+            labels = np.full(len(test), -1, dtype=np.int64)
+            eval_split = f"{run_cfg['data'][0]} images (no labels: the drop is the share of changed predictions)"
+        pick = _subset(len(test), cfg.eval_images or (0 if (labels >= 0).any() else 1000), seed=0)
         x = _student_pixels(test[pick], info)
         t0 = time.time()
         acc32, p32 = onnx_accuracy(fp32_sess, x, labels[pick])
         acc8, p8 = onnx_accuracy(session(q_tmp, cfg.threads), x, labels[pick])
-        drop = acc32 - acc8
+        drop = acc32 - acc8 if (labels >= 0).any() else float((p32 != p8).mean() * 100)
         q = {"path": str(q_out), "target": cfg.int8_target, "accuracy_fp32": acc32, "accuracy_int8": acc8,
              "accuracy_drop": drop, "agreement_with_fp32": float((p32 == p8).mean() * 100),
-             "eval_images": int(len(pick)), "eval_split": f"{run_cfg['dataset']} test", "max_drop": cfg.max_drop,
+             "eval_images": int(len(pick)), "eval_split": eval_split, "max_drop": cfg.max_drop,
              "within_bound": bool(drop <= cfg.max_drop), **qinfo}
         log.info("int8 (%s): test accuracy %.2f%% (fp32 ONNX) -> %.2f%% (int8), %+.2f points on %d images (allowed "
                  "drop: %g), top-1 agreement %.1f%% [%.1f s]", cfg.int8_target, acc32, acc8, -drop, len(pick),

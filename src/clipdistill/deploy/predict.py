@@ -39,6 +39,14 @@ class PredictConfig:
     threads: int = option(0, "ONNX Runtime intra-op threads; 0 = its default (the physical cores)")
     provider: str = option("auto", "ONNX Runtime execution provider; auto = CUDA when installed, else CPU",
                            choices=["auto", *PROVIDERS])
+    reject: str = option("auto", "answer 'none of these' when the top probability is under this: auto (the "
+                                 "threshold `fit-prompts` calibrated on the pool, if the model has one), off, or a "
+                                 "number in (0, 1)", metavar="auto|off|P")
+    camera: int = option(-1, "read this camera (OpenCV index, e.g. 0) instead of files; stop with Ctrl-C")
+    annotate: str = option("", "videos/camera: write a copy with the top class on each frame to this .mp4",
+                           metavar="FILE")
+    stride: int = option(1, "videos/camera: answer every N-th frame")
+    max_frames: int = option(0, "videos/camera: stop after N answered frames (0 = the whole video)")
 
     def __post_init__(self) -> None:
         check(bool(self.model), "model", "give the ONNX file, e.g. --model runs/RUN/model.onnx")
@@ -46,6 +54,23 @@ class PredictConfig:
         check(self.top_k >= 1, "top_k", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.threads >= 0, "threads", "must be >= 0 (0 = ONNX Runtime's default)")
+        if self.reject not in ("auto", "off"):
+            try:
+                value = float(self.reject)
+            except ValueError:
+                value = -1.0
+            check(0 < value < 1, "reject", f"{self.reject!r}: give auto, off or a probability in (0, 1)")
+        check(self.stride >= 1, "stride", "must be >= 1")
+        check(self.max_frames >= 0, "max_frames", "must be >= 0 (0 = all)")
+        check(self.camera >= -1, "camera", "must be a camera index >= 0")
+
+    def reject_threshold(self, meta: dict) -> float:
+        """0 = never reject."""
+        if self.reject == "off":
+            return 0.0
+        if self.reject == "auto":
+            return float(meta.get("reject_threshold") or 0.0)
+        return float(self.reject)
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -150,9 +175,8 @@ def _decoded(files: Iterable[Path], spec: dict, skipped: list[dict]) -> Iterator
             log.warning("warning: skipped %s: %s", display_path(f), msg)
 
 
-def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32, threads: int = 0,
-            provider: str = "auto") -> dict:
-    """{"model", "classes", "results": [{"path", "top": [{"class", "prob"}]}], "skipped": [...]}."""
+def open_model(model: str, threads: int = 0, provider: str = "auto"):
+    """(session, metadata) of a classifier exported by clipdistill."""
     sess = session(model, threads, provider)
     meta = read_metadata(sess)
     if not meta:
@@ -162,6 +186,16 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int =
         raise ConfigError(f"--model {model} outputs {meta.get('output')} vectors, not class logits; export a "
                           f"teacher together with a run (`clipdistill export --teacher NAME --run DIR`) to fold "
                           f"the run's head on")
+    return sess, meta
+
+
+def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32, threads: int = 0,
+            provider: str = "auto", reject: float = 0.0) -> dict:
+    """{"model", "classes", "results": [{"path", "label", "rejected", "top": [{"class", "prob"}]}], "skipped"}.
+    `label` is the top class, or "none of these" when its probability is under `reject`."""
+    from .video import top_k as answer
+
+    sess, meta = open_model(model, threads, provider)
     classes = meta["classes"]
     k = min(top_k, len(classes))
     files, skipped = list_images(inputs)
@@ -177,28 +211,58 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int =
         x = np.stack([a for _, a in chunk])
         probs = softmax(sess.run(None, {name: x})[0].astype(np.float64))
         for (path, _), p in zip(chunk, probs):
-            order = np.argsort(-p, kind="stable")[:k]
-            results.append({"path": display_path(path), "top": [{"class": classes[i], "prob": float(p[i])} for i in order]})
+            results.append({"path": display_path(path), **answer(p, classes, k, reject)})
     if not results:
         raise MissingResourceError("no readable image among " + ", ".join(map(str, inputs)) +
                                    (f" ({len(skipped)} skipped)" if skipped else ""))
-    return {"model": str(model), "classes": classes, "results": results, "skipped": skipped}
+    return {"model": str(model), "classes": classes, "reject_threshold": reject, "results": results,
+            "skipped": skipped}
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def cli_args(p) -> None:
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_FOLDER_OR_VIDEO",
+                   help="image files, folders of images, and/or video files (.mp4, .avi, .mov, ...)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (videos: one JSON line per frame)")
+
+
+def _line(ans: dict, where: str) -> str:
+    mark = f"{ans['label']} | " if ans["rejected"] else ""
+    return f"{where}: {mark}" + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in ans["top"])
 
 
 def run_cli(cfg: PredictConfig, args) -> int:
-    res = predict(cfg.model, args.inputs, cfg.top_k, cfg.batch_size, cfg.threads, cfg.provider)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    for r in res["results"]:
-        print(f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
-    log.info("%d images%s", len(res["results"]), f", {len(res['skipped'])} skipped (see warnings)" if res["skipped"]
-             else "")
+    from .video import is_video, predict_video
+
+    if not args.inputs and cfg.camera < 0:
+        raise ConfigError("give images, folders or videos to predict on, or --camera 0")
+    videos = [i for i in args.inputs if is_video(i) and Path(i).is_file()]
+    images = [i for i in args.inputs if i not in videos]
+    sess, meta = open_model(cfg.model, cfg.threads, cfg.provider)
+    reject = cfg.reject_threshold(meta)
+    if reject:
+        log.info("'%s' below top probability %.3f (--reject %s)", "none of these", reject, cfg.reject)
+    if images:
+        res = predict(cfg.model, images, cfg.top_k, cfg.batch_size, cfg.threads, cfg.provider, reject)
+        if args.json:
+            print(json.dumps(res))
+        else:
+            for r in res["results"]:
+                print(_line(r, r["path"]))
+        log.info("%d images%s", len(res["results"]), f", {len(res['skipped'])} skipped (see warnings)"
+                 if res["skipped"] else "")
+    k = min(cfg.top_k, len(meta["classes"]))
+    sources = videos + ([cfg.camera] if cfg.camera >= 0 else [])
+    for src in sources:
+        def show(ans: dict) -> None:
+            when = f" ({ans['time']:.2f} s)" if ans["time"] is not None else ""
+            print(json.dumps(ans) if args.json else _line(ans, f"{ans['source']} frame {ans['frame']}{when}"),
+                  flush=True)
+        try:
+            predict_video(sess, meta, src, k, reject, cfg.batch_size, cfg.stride, cfg.max_frames,
+                          cfg.annotate or None, on_frame=show)
+        except KeyboardInterrupt:
+            if not isinstance(src, int):
+                raise
     return 0

@@ -21,6 +21,8 @@ TEACHING = ("auto", "cached", "online", "views")
 class TrainConfig(TeacherOptions, DataOptions):
     data: list[str] = option(default_factory=lambda: ["train"],
                              help="splits to train on, comma-separated (e.g. train,unlabeled)")
+    rows: str = option("", "train on these rows of the unlabeled split only: a curation file written by "
+                           "`fit-prompts` (CURATION.json); default: every readable image", metavar="FILE")
     method: str = option("kl", "distillation method: labels, kl, mse, cosine, or a sum such as kl+mse")
     loss_weights: list[float] = option(default_factory=list, help="weights of the method's terms, e.g. 1,0.5")
     head: str = option("auto", "teacher head for kl targets and for embedding students: text, linear, or auto "

@@ -54,10 +54,19 @@ class Trainer:
             barrier(self.dist)
         self.outs = prepare_teacher_outputs(cfg, cfg, splits, probe=cfg.probe_config() if head != "text" else None,
                                             teacher=teacher, progress=cfg.progress and self.dist.is_main,
-                                            probe_required=head == "linear")
+                                            probe_required=head == "linear", optional=("test",))
         if self.dist.is_main:
             barrier(self.dist)
+        splits = [s for s in splits if s in self.outs.datasets]  # a pool without labelled test images
         self.data = StudentData(self.outs, splits, cfg.student_size or None, progress=cfg.progress)
+        if cfg.rows:  # a curated pool: only its rows train (and hold out the rows that pick `best`)
+            from ..teacher.curate import load_rows
+
+            if "unlabeled" not in self.data.names:
+                raise ConfigError("--rows selects rows of the unlabeled split; add unlabeled to --data")
+            k = self.data.names.index("unlabeled")
+            self.data.valid[k] = np.intersect1d(self.data.valid[k],
+                                                load_rows(cfg.rows, self.outs.datasets["unlabeled"].fingerprint()))
         if head == "auto":
             head = "linear" if self.data.has_labels("train") else "text"
         if head == "linear" and self.outs.probe is None:
@@ -301,8 +310,11 @@ class Trainer:
                 if improved:
                     self.best = val
                 if main:
-                    log.info("epoch %d/%d: loss %.4f, val %s %.2f%%%s, %.0f img/s", self.epoch, cfg.epochs,
-                             rec["train_loss"], self.val_metric, val, " (best)" if improved else "", rec["img_per_s"])
+                    recent = [h["seconds"] for h in self.history[-5:]]
+                    left = (cfg.epochs - self.epoch) * sum(recent) / len(recent)
+                    log.info("epoch %d/%d: loss %.4f, val %s %.2f%%%s, %.0f img/s%s", self.epoch, cfg.epochs,
+                             rec["train_loss"], self.val_metric, val, " (best)" if improved else "", rec["img_per_s"],
+                             f", about {left / 60:.0f} min {left % 60:.0f} s left" if left else "")
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     writer.add_scalar(f"val/{self.val_metric}", val, self.step)

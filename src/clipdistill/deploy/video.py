@@ -1,0 +1,138 @@
+"""Predict on video files and cameras, frame by frame, as the companion's live demo.
+
+OpenCV (the headless build: no GUI libraries on a device) decodes files and opens cameras;
+each frame goes through the same preprocessing as an image file (`predict.preprocess`, from
+the model's metadata), so a frame and the same picture saved as PNG get the same answer.
+Files are run in batches (throughput); cameras one frame at a time (latency). An annotated
+copy of the video, with the top class written on each frame, is optional."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from ..core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
+NONE_LABEL = "none of these"
+
+
+def is_video(path: Union[str, Path]) -> bool:
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ConfigError("videos and cameras need OpenCV: pip install 'clipdistill[video]' (or "
+                          "opencv-python-headless)") from None
+    return cv2
+
+
+def open_capture(source: Union[str, int]):
+    cv2 = _cv2()
+    cap = cv2.VideoCapture(source)
+    if not cap.isOpened():
+        what = f"--camera {source}: no camera there (or it is busy)" if isinstance(source, int) else \
+            f"{source}: OpenCV cannot open it as a video (missing, or a codec this build lacks)"
+        raise ConfigError(what)
+    return cap
+
+
+def frames(cap, stride: int = 1, max_frames: int = 0) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(frame index, time in seconds, RGB uint8 frame) of every `stride`-th frame."""
+    cv2 = _cv2()
+    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    i = n = 0
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            return
+        if i % stride == 0:
+            yield i, (i / fps if fps > 0 else float("nan")), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            n += 1
+            if max_frames and n >= max_frames:
+                return
+        i += 1
+
+
+def top_k(p: np.ndarray, classes: list[str], k: int, reject: float) -> dict:
+    """The frame's (or image's) answer: top-k, and the label, `none of these` under `reject`."""
+    order = np.argsort(-p, kind="stable")[:k]
+    top = [{"class": classes[i], "prob": float(p[i])} for i in order]
+    rejected = bool(reject > 0 and p[order[0]] < reject)
+    return {"label": NONE_LABEL if rejected else top[0]["class"], "rejected": rejected, "top": top}
+
+
+def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: float, batch_size: int = 16,
+                  stride: int = 1, max_frames: int = 0, annotate: Optional[str] = None,
+                  on_frame: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run the model on a video file or camera; `on_frame` gets each frame's answer as it comes."""
+    from PIL import Image
+
+    from .predict import preprocess, softmax
+
+    cv2 = _cv2()
+    cap = open_capture(source)
+    fps_in = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    writer = None
+    name = sess.get_inputs()[0].name
+    classes = meta["classes"]
+    live = isinstance(source, int)
+    batch = 1 if live else batch_size
+    answers, pending = [], []
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal writer
+        x = np.stack([preprocess(Image.fromarray(f), meta["input"]) for _, _, f in pending])
+        probs = softmax(sess.run(None, {name: x})[0].astype(np.float64))
+        for (i, t, frame), p in zip(pending, probs):
+            ans = {"source": str(source), "frame": i, "time": None if t != t else round(t, 3),
+                   **top_k(p, classes, k, reject)}
+            answers.append(ans)
+            if on_frame:
+                on_frame(ans)
+            if annotate:
+                bgr = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+                if writer is None:
+                    Path(annotate).parent.mkdir(parents=True, exist_ok=True)
+                    writer = cv2.VideoWriter(str(annotate), cv2.VideoWriter_fourcc(*"mp4v"), fps_in / stride,
+                                             (bgr.shape[1], bgr.shape[0]))
+                    if not writer.isOpened():
+                        raise ConfigError(f"--annotate {annotate}: OpenCV cannot write it (use a .mp4 or .avi name)")
+                text = f"{ans['label']} {ans['top'][0]['prob']:.2f}"
+                scale = max(0.4, bgr.shape[1] / 640)
+                cv2.putText(bgr, text, (8, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0),
+                            max(2, int(3 * scale)), cv2.LINE_AA)
+                cv2.putText(bgr, text, (8, int(24 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                            max(1, int(scale)), cv2.LINE_AA)
+                writer.write(bgr)
+        pending.clear()
+
+    try:
+        for item in frames(cap, stride, max_frames):
+            pending.append(item)
+            if len(pending) >= batch:
+                flush()
+        if pending:
+            flush()
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    seconds = time.perf_counter() - t0
+    if not answers:
+        raise ConfigError(f"{source}: no frame could be read")
+    fps = len(answers) / max(seconds, 1e-9)
+    log.info("%s: %d frames in %.2f s: %.1f frames/s (decode, preprocess and model)%s", source, len(answers), seconds,
+             fps, f"; annotated copy: {annotate}" if annotate else "")
+    return {"source": str(source), "frames": answers, "frames_per_second": fps, "seconds": seconds,
+            "annotated": annotate}

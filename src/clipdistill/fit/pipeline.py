@@ -1,0 +1,227 @@
+"""`clipdistill fit-prompts`: prompts + a pool of your images -> a deployable student.
+
+Six stages, each of which writes its result atomically into OUT and is skipped when it is
+already there for the same settings, so a killed run continues with the same command at the
+stage (and, in training, the epoch) where it stopped:
+
+1. index   the pool: distinct images, duplicates, broken files (data/pool.py)
+2. embed   the teacher's embeddings of the pool (and of --eval), its zero-shot accuracy
+3. curate  rank the pool per prompt, keep, count, contact sheets (teacher/curate.py)
+4. train   the student on the curated rows, the teacher in the loop (distill/)
+5. assess  agreement and confusion against the teacher, disagreements, reject threshold (quality.py)
+6. export  ONNX (+ INT8) with the sidecar, checked against PyTorch (deploy/export.py)
+
+OUT/fit.json records each finished stage; OUT/REPORT.md says where everything is."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..core import atomic
+from ..core.config import to_dict
+from ..core.locks import exclusive
+from .config import FitConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("index", "embed", "curate", "train", "assess", "export")
+STATE = "fit.json"
+
+
+class Stages:
+    """Which stages are done (for these settings), how long each took, and what is left."""
+
+    def __init__(self, out: Path, key: dict, progress: bool):
+        self.path, self.key, self.progress = out / STATE, key, progress
+        saved = atomic.read_json(self.path) if self.path.is_file() else {}
+        self.done: dict = saved.get("done", {}) if saved.get("key") == key else {}
+        self.t0 = time.time()
+
+    def start(self, name: str, estimate: str = "") -> None:
+        k = STAGES.index(name) + 1
+        left = "" if not estimate else f" ({estimate})"
+        log.info("[%d/%d] %s%s", k, len(STAGES), name, left)
+        self._started = time.time()
+
+    def reuse(self, name: str, *files) -> Optional[dict]:
+        """The stage's earlier result if it finished for these settings and its files are there."""
+        done = self.done.get(name)
+        if done is not None and all(f and Path(f).exists() for f in files):
+            log.info("[%d/%d] %s: done earlier (%s)", STAGES.index(name) + 1, len(STAGES), name, self.path)
+            return done
+        return None
+
+    def finish(self, name: str, result: dict) -> dict:
+        self.done[name] = {**result, "seconds": round(time.time() - self._started, 2)}
+        atomic.write_json(self.path, {"key": self.key, "done": self.done})
+        return self.done[name]
+
+
+def _student_size(cfg: FitConfig, teacher) -> int:
+    return cfg.student_size or min(int(teacher.image_size), 224)
+
+
+def fit_prompts(cfg: FitConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".lock", wait=False, busy_message=f"another fit-prompts is writing {out}"):
+        return _fit(cfg, out)
+
+
+def _fit(cfg: FitConfig, out: Path) -> dict:
+    from ..data.pool import index_pool
+    from ..distill.train import train
+    from ..teacher.curate import best_similarity, curate, save, write_sheets, zero_shot_probs
+    from ..teacher.openclip_teacher import create_teacher
+    from ..teacher.outputs import prepare_teacher_outputs
+
+    stages = Stages(out, {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "workers")}, cfg.progress)
+    t_start = time.time()
+
+    stages.start("index")
+    idx = index_pool(cfg.pool, cfg.cache_dir, progress=cfg.progress)
+    pool_counts = stages.finish("index", {**idx.counts(), "broken_files": idx.broken,
+                                          "duplicate_files": idx.duplicates})
+    log.info("pool: %s", idx.summary())
+
+    stages.start("embed", f"{pool_counts['images']} images through {cfg.teacher}")
+    teacher = create_teacher(cfg.teacher, cfg.pretrained, cfg.device, cfg.precision, cfg.cache_dir)
+    size = _student_size(cfg, teacher)
+    tcfg0 = cfg.train_config(size)
+    outs = prepare_teacher_outputs(tcfg0, tcfg0, ["unlabeled", "test"], teacher=teacher, progress=cfg.progress,
+                                   optional=("test",))
+    pool = outs.datasets["unlabeled"]
+    cache = outs.caches["unlabeled"]
+    text = outs.text_embeddings.numpy()
+    zero_shot = None
+    if "test" in outs.datasets:
+        emb, labels = outs.labelled("test")
+        pred = zero_shot_probs(emb, text, teacher.logit_scale).argmax(1)
+        zero_shot = float((pred[labels >= 0] == labels[labels >= 0]).mean() * 100)
+        log.info("teacher zero-shot on %s: %.2f%% (%d images)", cfg.eval, zero_shot, int((labels >= 0).sum()))
+    stages.finish("embed", {"teacher": teacher.fingerprint(), "teacher_zero_shot_accuracy": zero_shot,
+                            "classes": outs.classes, "prompts": outs.prompts})
+
+    stages.start("curate")
+    rows = cache.valid_indices()
+    emb = np.asarray(cache.embeddings[rows], dtype=np.float32)
+    probs = zero_shot_probs(emb, text, teacher.logit_scale)
+    cur = curate(probs, rows, outs.classes, cfg.keep_threshold, cfg.keep_top, cfg.negatives,
+                 similarity=best_similarity(emb, text))
+    save(cur, cfg.curation_path, pool.fingerprint())
+    # Training reads a copy named by its content: a run can never resume on other rows.
+    digest = hashlib.sha1(np.asarray(cur.rows, dtype=np.int64).tobytes() + repr(pool.fingerprint()).encode())
+    rows_file = out / "curations" / f"{digest.hexdigest()[:12]}.json"
+    if not rows_file.is_file():
+        save(cur, rows_file, pool.fingerprint())
+    sheets = write_sheets(cur, pool, out / "sheets")
+    log.info("%s; contact sheets in %s", cur.summary(), out / "sheets")
+    stages.finish("curate", {**cur.counts(), "sheets": str(out / "sheets")})
+
+    epochs = cfg.epochs_for(len(cur.rows))
+    tcfg = cfg.train_config(size, rows=str(rows_file), epochs=epochs)
+    stages.start("train", f"{epochs} epochs of {len(cur.rows)} images; the time left is logged after each epoch")
+    res = train(tcfg, teacher=teacher)
+    stages.finish("train", {k: res.get(k) for k in ("test_accuracy", "teacher_agreement", "teacher_test_accuracy",
+                                                    "best_epoch", "teaching", "teaching_costs", "train_seconds")})
+
+    # Assessing and exporting are redone after a new training only (train() reused a finished run
+    # when its result's epoch is the one they saw).
+    fresh = {"best_epoch": res.get("best_epoch"), "train_seconds": res.get("train_seconds")}
+    quality = stages.reuse("assess", tcfg.run_dir().path / "calibration.json")
+    if quality is None or quality.get("trained") != fresh:
+        stages.start("assess")
+        quality = stages.finish("assess", {**_assess(dataclasses.replace(tcfg, teaching=res["teaching"]), teacher,
+                                                     out), "trained": fresh})
+    exp = stages.reuse("export", out / "model.onnx", (stages.done.get("export") or {}).get("int8") if cfg.int8 else out)
+    if exp is None or exp.get("trained") != fresh:
+        stages.start("export")
+        exp = stages.finish("export", {**_export(cfg, tcfg), "trained": fresh})
+
+    summary = {"out": str(out), "pool": pool_counts, "teacher_zero_shot_accuracy": zero_shot,
+               "curation": cur.counts(), "student": {k: res.get(k) for k in ("test_accuracy", "teacher_agreement",
+                                                                            "best_epoch", "teaching")},
+               "quality": quality, "export": exp, "sheets": [str(p) for p in sheets],
+               "seconds": {k: v.get("seconds") for k, v in stages.done.items()},
+               "wall_seconds": round(time.time() - t_start, 1)}
+    atomic.write_json(out / "summary.json", summary)
+    atomic.write_text(out / "REPORT.md", report(summary, cfg))
+    return summary
+
+
+def _assess(tcfg, teacher, out: Path) -> dict:
+    """The label-free report and the reject threshold, on the held-out pool rows."""
+    from ..distill import checkpoint
+    from ..distill.trainer import Trainer
+    from ..teacher.curate import best_similarity
+    from .quality import assess, disagreement_sheet
+
+    trainer = Trainer(tcfg, teacher=teacher)
+    state = checkpoint.load(trainer.run.best)
+    checkpoint.unwrap(trainer.model).load_state_dict(state["model"])
+    s, t, _ = trainer.predict(trainer.val_rows)
+    k = trainer.data.names.index("unlabeled")
+    rows = trainer.val_rows.row
+    text = trainer.outs.text_embeddings.numpy()
+    cache = trainer.outs.caches["unlabeled"]
+    pool_sim = best_similarity(np.asarray(cache.embeddings[cache.valid_indices()], dtype=np.float32), text)
+    q = assess(s.numpy(), np.asarray(trainer.data.emb[k][rows], dtype=np.float32), text, t.numpy(), pool_sim,
+               trainer.outs.classes)
+    sheet = disagreement_sheet(trainer.outs.datasets["unlabeled"], rows, s.numpy(), t.numpy(), trainer.outs.classes,
+                               out / "sheets" / "disagreements.png")
+    q["disagreements_sheet"] = str(sheet)
+    atomic.write_json(trainer.run.path / "calibration.json", {
+        "reject_threshold": q["reject_threshold"], "score": "top softmax probability of the model's output",
+        "calibrated_on": f"{q['held_out_images']} held-out pool images, against the teacher's similarity cut "
+                         f"{q['teacher_similarity_cut']:.3f}", "balanced_agreement": q["balanced_agreement"]})
+    log.info("label-free: the student agrees with the teacher on %.1f%% of %d held-out pool images; reject below "
+             "top probability %.3f (reproduces the teacher's 'none of these' call at %s%% balanced agreement)",
+             q["agreement"], q["held_out_images"], q["reject_threshold"],
+             f"{q['balanced_agreement']:.1f}" if q["balanced_agreement"] is not None else "-")
+    return q
+
+
+def _export(cfg: FitConfig, tcfg) -> dict:
+    from ..deploy.export import ExportConfig, export
+
+    res = export(ExportConfig(run=str(cfg.run_path), out=str(Path(cfg.out) / "model.onnx"), int8=cfg.int8,
+                              cache_dir=cfg.cache_dir, max_drop=100.0))
+    q = res.get("int8") or {}
+    return {"onnx": res["path"], "sidecar": res["sidecar"], "int8": q.get("path"),
+            "int8_accuracy": q.get("accuracy_int8"), "fp32_onnx_accuracy": q.get("accuracy_fp32"),
+            "int8_agreement_with_fp32": q.get("agreement_with_fp32"),
+            "parity_max_abs_diff": res["parity"]["max_abs_diff"]}
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v != v else f"{v:.2f}%"
+
+
+def report(s: dict, cfg: FitConfig) -> str:
+    p, c, st, q, e = s["pool"], s["curation"], s["student"], s["quality"], s["export"]
+    per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
+    lines = [
+        f"# fit-prompts: {cfg.prompts}", "",
+        f"- pool: {p['files']} files, {p['images']} distinct images, {p['duplicates']} duplicates, "
+        f"{p['broken']} broken (listed in fit.json)",
+        f"- curated: {c['kept']} of {c['scored']} ({per}; negatives kept {c['negatives_kept']}, dropped "
+        f"{c['dropped']}); contact sheets: {Path(cfg.out) / 'sheets'}",
+        f"- teacher zero-shot on --eval: {_pct(s['teacher_zero_shot_accuracy'])}",
+        f"- student ({cfg.student}, {cfg.method}, teaching {st['teaching']}, best epoch {st['best_epoch']}): "
+        f"test accuracy {_pct(st['test_accuracy'])}, agreement with the teacher {_pct(st['teacher_agreement'])}",
+        f"- without labels: agreement {_pct(q['agreement'])} on {q['held_out_images']} held-out pool images; "
+        f"reject below top probability {q['reject_threshold']:.3f}; disagreements: {q['disagreements_sheet']}",
+        f"- model: {e['onnx']} (sidecar {e['sidecar']}); INT8: {e['int8'] or '-'} "
+        f"(test accuracy {_pct(e['int8_accuracy'])}, fp32 ONNX {_pct(e['fp32_onnx_accuracy'])})",
+        f"- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if v is not None)
+        + f"; wall {s['wall_seconds']:.0f} s", "",
+        f"Predict: `clipdistill predict --model {e['onnx']} IMAGES_OR_VIDEO`",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""How good is the student, without a single label, and when should it say "none of these"?
+
+Measured on the held-out pool images (the rows that picked `best`, never trained on):
+- agreement with the teacher, and the confusion matrix of the student's classes against the
+  teacher's (where they disagree is where to look), with a contact sheet of disagreements;
+- a reject threshold. Pools and cameras show things no prompt describes. The teacher tells
+  them apart by its cosine similarity to the best prompt (a softmax over the prompts cannot:
+  it always sums to one). Its "matches a prompt" call is that similarity above a cut found
+  without labels, Otsu's split of the pool's similarities into two groups. The student's
+  threshold on its own top probability (what `predict` sees in the model's output) is then the
+  one that best reproduces the teacher's call on the held-out images (balanced accuracy)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..teacher.curate import best_similarity
+
+log = logging.getLogger(__name__)
+
+
+def otsu(values: np.ndarray, bins: int = 256) -> float:
+    """The cut that best splits `values` into two groups (max between-class variance)."""
+    v = np.asarray(values, dtype=np.float64)
+    hist, edges = np.histogram(v, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
+    # Every cut inside an empty gap between the groups splits them alike: take the gap's middle.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def calibrate_reject(student_top: np.ndarray, teacher_match: np.ndarray) -> dict:
+    """The student's top-probability threshold that best reproduces the teacher's matches."""
+    if teacher_match.all() or not teacher_match.any():
+        return {"reject_threshold": 0.0, "balanced_agreement": None,
+                "why": "the teacher finds every held-out image alike (all match or none): nothing to calibrate on"}
+    u = np.unique(student_top)
+    pos, neg = teacher_match.sum(), (~teacher_match).sum()
+    acc = np.array([0.5 * (((student_top >= t) & teacher_match).sum() / pos + ((student_top < t) & ~teacher_match).sum()
+                           / neg) for t in u])
+    j = int(np.argmax(acc))
+    # between the last value rejected and the first accepted, not on an observed value
+    threshold = float((u[j - 1] + u[j]) / 2) if j > 0 else 0.0
+    return {"reject_threshold": threshold, "balanced_agreement": float(acc[j] * 100)}
+
+
+def assess(student_logits: np.ndarray, teacher_emb: np.ndarray, text_emb: np.ndarray, teacher_logits: np.ndarray,
+           pool_similarity: np.ndarray, classes: list[str]) -> dict:
+    """Everything above from arrays: the student's logits and the teacher's embeddings and
+    logits on the held-out rows, the prompts' text embeddings, and the teacher's best-prompt
+    cosine similarity on the whole pool (to place the cut)."""
+    s_pred, t_pred = student_logits.argmax(1), teacher_logits.argmax(1)
+    c = len(classes)
+    confusion = np.zeros((c, c), dtype=np.int64)
+    np.add.at(confusion, (t_pred, s_pred), 1)
+    cut = otsu(pool_similarity)
+    sim = best_similarity(teacher_emb, text_emb)
+    match = sim >= cut
+    top = softmax(student_logits.astype(np.float64)).max(1)
+    reject = calibrate_reject(top, match)
+    return {
+        "held_out_images": int(len(s_pred)),
+        "agreement": float((s_pred == t_pred).mean() * 100),
+        "agreement_where_teacher_matches": float((s_pred[match] == t_pred[match]).mean() * 100) if match.any() else None,
+        "confusion_vs_teacher": {"rows": "teacher's class", "columns": "student's class", "classes": classes,
+                                 "counts": confusion.tolist()},
+        "teacher_similarity_cut": cut,
+        "pool_matching_share": float((pool_similarity >= cut).mean() * 100),
+        **reject,
+        "rejected_share_held_out": float((top < reject["reject_threshold"]).mean() * 100),
+    }
+
+
+def disagreement_sheet(dataset, rows: np.ndarray, student_logits: np.ndarray, teacher_logits: np.ndarray,
+                       classes: list[str], path: Path, n: int = 32) -> Optional[Path]:
+    """The held-out images where the student and the teacher disagree, the teacher's most
+    confident first (captions: teacher -> student)."""
+    from ..data.sheets import contact_sheet
+
+    s_pred, t_pred = student_logits.argmax(1), teacher_logits.argmax(1)
+    t_top = softmax(teacher_logits.astype(np.float64)).max(1)
+    idx = np.flatnonzero(s_pred != t_pred)
+    idx = idx[np.argsort(-t_top[idx], kind="stable")][:n]
+    return contact_sheet([dataset.load(int(rows[i])) for i in idx],
+                         [f"{classes[t_pred[i]][:7]}>{classes[s_pred[i]][:7]}" for i in idx], path,
+                         title=f"student disagrees with the teacher on {int((s_pred != t_pred).sum())} of "
+                               f"{len(s_pred)} held-out pool images (teacher > student)")

@@ -1,0 +1,161 @@
+"""Curation: which pool images to train on, chosen by the teacher from its cached embeddings.
+
+The offline equivalent of the companion's CLIP search: every pool image is scored against
+the prompts (softmax of the scaled cosine similarities, the teacher's zero-shot
+probabilities), ranked per prompt, and kept by a probability threshold and/or the top N per
+class. Images that match no prompt (below the threshold) are either kept as negatives,
+trained on with the teacher's soft targets, which teaches the student what none of the
+classes looks like, or dropped. The result is a list of rows of the embedding cache (nothing
+is copied), saved with the pool's fingerprint so a changed pool is never curated by an old
+list; contact sheets show what was chosen."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..core import atomic
+from ..core.config import check, option
+from ..core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class CurateOptions:
+    keep_threshold: float = option(0.0, "curation: an image belongs to its best prompt when the teacher's probability "
+                                        "for it is at least this (0 = every image belongs to its best prompt)")
+    keep_top: int = option(0, "curation: keep at most N images per class, the teacher's most confident (0 = all)")
+    negatives: str = option("keep", "curation: images that belong to no prompt (under --keep-threshold, or past "
+                                    "--keep-top): keep them as negatives (trained on with the teacher's soft targets: "
+                                    "they teach what none of the classes looks like) or drop them",
+                            choices=["keep", "drop"])
+
+    def _check_curation(self) -> None:
+        check(0.0 <= self.keep_threshold < 1.0, "keep_threshold", "must be in [0, 1)")
+        check(self.keep_top >= 0, "keep_top", "must be >= 0 (0 = no limit)")
+
+
+def cosines(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """(N, C) cosine similarity of each image embedding to each prompt's text embedding."""
+    e = embeddings.astype(np.float32)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    t = text.astype(np.float32)
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    return e @ t.T
+
+
+def best_similarity(embeddings: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """Each image's cosine similarity to its closest prompt: how much it looks like any of
+    them at all (a softmax over the prompts cannot say: it always sums to one)."""
+    return cosines(embeddings, text).max(axis=1)
+
+
+def zero_shot_probs(embeddings: np.ndarray, text: np.ndarray, logit_scale: float) -> np.ndarray:
+    """(N, C) softmax over the prompts of the scaled cosine similarities."""
+    z = logit_scale * cosines(embeddings, text)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@dataclasses.dataclass
+class Curation:
+    rows: np.ndarray  # cache rows to train on, sorted
+    candidates: np.ndarray  # the readable rows that were scored
+    assigned: np.ndarray  # per candidate: its best prompt's class index
+    score: np.ndarray  # per candidate: the teacher's probability for it
+    matched: np.ndarray  # per candidate: belongs to its best prompt (threshold and top-N)
+    classes: list[str]
+    options: dict
+    similarity: Optional[np.ndarray] = None  # per candidate: cosine to its best prompt (shown on the sheets)
+
+    def counts(self) -> dict:
+        per_class = {c: int(((self.assigned == k) & self.matched).sum()) for k, c in enumerate(self.classes)}
+        unmatched = int((~self.matched).sum())
+        return {"scored": int(len(self.candidates)), "kept": int(len(self.rows)), "per_class": per_class,
+                "negatives_kept": unmatched if self.options["negatives"] == "keep" else 0,
+                "dropped": 0 if self.options["negatives"] == "keep" else unmatched}
+
+    def summary(self) -> str:
+        c = self.counts()
+        per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
+        return (f"curated {c['kept']} of {c['scored']} pool images: {per}; matching no prompt: "
+                + (f"{c['negatives_kept']} kept as negatives" if self.options["negatives"] == "keep"
+                   else f"{c['dropped']} dropped"))
+
+
+def curate(probs: np.ndarray, candidates: np.ndarray, classes: list[str], threshold: float = 0.0, top: int = 0,
+           negatives: str = "keep", similarity: Optional[np.ndarray] = None) -> Curation:
+    if negatives not in ("keep", "drop"):
+        raise ConfigError(f"--negatives {negatives!r}: keep or drop")
+    assigned = probs.argmax(axis=1)
+    score = probs[np.arange(len(probs)), assigned]
+    matched = score >= threshold
+    if top:
+        for k in range(len(classes)):
+            idx = np.flatnonzero((assigned == k) & matched)
+            if len(idx) > top:
+                order = idx[np.argsort(-score[idx], kind="stable")]
+                matched[order[top:]] = False
+    keep = np.ones(len(candidates), bool) if negatives == "keep" else matched
+    return Curation(rows=np.sort(candidates[keep]), candidates=candidates, assigned=assigned, score=score,
+                    matched=matched, classes=list(classes), similarity=similarity,
+                    options={"keep_threshold": threshold, "keep_top": top, "negatives": negatives})
+
+
+def save(cur: Curation, path: str | Path, dataset_fingerprint: dict) -> Path:
+    return atomic.write_json(path, {
+        "format": FORMAT, "dataset": dataset_fingerprint, "split": "unlabeled", **cur.options,
+        "counts": cur.counts(), "classes": cur.classes, "rows": [int(r) for r in cur.rows]})
+
+
+def load_rows(path: str | Path, dataset_fingerprint: Optional[dict] = None) -> np.ndarray:
+    """The curated rows of a saved curation, refused when it was made from another pool."""
+    saved = atomic.read_json(path)
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT or not isinstance(saved.get("rows"), list):
+        raise ConfigError(f"--rows {path}: not a curation written by clipdistill (format {FORMAT})")
+    if dataset_fingerprint is not None and saved.get("dataset") != dataset_fingerprint:
+        raise ConfigError(f"--rows {path}: made from another pool ({saved.get('dataset')}, now {dataset_fingerprint}); "
+                          f"curate again (fit-prompts does it when the pool changes)")
+    return np.asarray(saved["rows"], dtype=np.int64)
+
+
+def write_sheets(cur: Curation, dataset, out_dir: str | Path, n: int = 24) -> list[Path]:
+    """Per class, two sheets: the teacher's most confident kept images (`CLASS-top.png`) and
+    the least confident ones still kept, at the threshold (`CLASS-edge.png`); plus the most
+    confident of those matching no prompt (`none-top.png`): where the threshold may be wrong."""
+    from ..data.sheets import contact_sheet
+
+    out = Path(out_dir)
+    paths = []
+
+    def load(rows):
+        return [dataset.load(int(r)) for r in rows]
+
+    def cap(i: int, name: bool = False) -> str:
+        sim = f" s{cur.similarity[i]:.2f}" if cur.similarity is not None else ""
+        return (f"{cur.classes[cur.assigned[i]][:6]} " if name else "") + f"p{cur.score[i]:.2f}{sim}"
+
+    for k, c in enumerate(cur.classes):
+        idx = np.flatnonzero((cur.assigned == k) & cur.matched)
+        order = idx[np.argsort(-cur.score[idx], kind="stable")]
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in c)[:60]
+        for tag, pick in (("top", order[:n]), ("edge", order[::-1][:n][::-1])):
+            paths.append(contact_sheet(load(cur.candidates[pick]), [cap(i) for i in pick],
+                                       out / f"{safe}-{tag}.png",
+                                       title=f"{c}: {len(idx)} kept; {'most' if tag == 'top' else 'least'} confident "
+                                             f"(p: teacher probability, s: cosine to the prompt)"))
+    none = np.flatnonzero(~cur.matched)
+    order = none[np.argsort(-cur.score[none], kind="stable")][:n]
+    paths.append(contact_sheet(load(cur.candidates[order]),
+                               [cap(i, name=True) for i in order],
+                               out / "none-top.png",
+                               title=f"matching no prompt: {len(none)} ({cur.options['negatives']}); the closest calls"))
+    return paths

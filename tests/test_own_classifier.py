@@ -1,0 +1,259 @@
+"""Your own classifier with zero labels: pools, curation, fit-prompts, reject, re-prompting, video.
+
+Small sizes throughout; the accuracy of the recipe is measured by
+benchmarks/fit_prompts_ablation.py (README, "Your own classifier"), not here."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipdistill.data.example_pool import PoolConfig, make_pool
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pool")
+    make_pool(PoolConfig(out=str(out), images=400, size=32, duplicates=12, broken=3, test_per_class=15))
+    return out
+
+
+def test_pool_nested_dedup_and_broken_counted(small_pool, tmp_path):
+    from clipdistill.data.datasets import create_dataset
+    from clipdistill.data.pool import index_pool, index_path
+
+    idx = index_pool([small_pool / "pool"], tmp_path)
+    assert idx.counts() == {"files": 400 + 12 + 3, "images": 400, "duplicates": 12, "broken": 3}
+    assert all("copies" in p for p in idx.duplicates)  # the copy is the duplicate, the original stays
+    assert sorted(Path(p).name.split("_")[2].split(".")[0] for p in idx.broken) == ["empty", "text", "truncated"]
+    assert index_path(tmp_path, [small_pool / "pool"]).is_file()
+    # nested folders (months, bursts) are never classes: the prompts name them
+    ds = create_dataset("folder", "unlabeled", "", pools=(str(small_pool / "pool"),), cache_dir=str(tmp_path))
+    assert len(ds) == 400 and ds.classes == [] and (ds.targets == -1).all()
+    assert any("burst" in str(f) for f in ds.files)
+    # the fingerprint is the content: a renamed photo keeps every cache, an edited one does not
+    before = ds.fingerprint()
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(small_pool / "pool", moved)
+    first = sorted((moved / "2024-01").glob("img_*.png"))[0]
+    first.rename(first.with_name("renamed.png"))
+    assert create_dataset("folder", "unlabeled", "", pools=(str(moved),)).fingerprint() == before
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(first.with_name("renamed.png"))
+    assert create_dataset("folder", "unlabeled", "", pools=(str(moved),)).fingerprint() != before
+
+
+def test_curation_threshold_top_negatives_and_sheets(tmp_path):
+    from clipdistill.data.protocol import InMemoryDataset
+    from clipdistill.teacher.curate import curate, load_rows, save, write_sheets
+
+    probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.2, 0.8], [0.1, 0.9], [0.5, 0.5], [0.97, 0.03]])
+    rows = np.array([0, 2, 3, 5, 6, 7])  # readable cache rows (1 and 4 were broken)
+    cur = curate(probs, rows, ["cat", "dog"], threshold=0.7, top=0, negatives="drop")
+    assert cur.counts() == {"scored": 6, "kept": 4, "per_class": {"cat": 2, "dog": 2}, "negatives_kept": 0,
+                            "dropped": 2}
+    assert cur.rows.tolist() == [0, 3, 5, 7]
+    top1 = curate(probs, rows, ["cat", "dog"], threshold=0.7, top=1, negatives="keep")
+    assert top1.counts()["per_class"] == {"cat": 1, "dog": 1} and top1.counts()["negatives_kept"] == 4
+    assert top1.rows.tolist() == rows.tolist()  # negatives kept: every row trains
+    assert 7 in top1.rows[top1.matched] and 5 in top1.rows[top1.matched]  # the most confident of each class
+
+    class Tiny(InMemoryDataset):
+        name, split, classes, prompts = "tiny", "unlabeled", ["cat", "dog"], ["a cat", "a dog"]
+
+        def __init__(self):
+            self.data = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+            self.targets = np.full(8, -1)
+
+        def fingerprint(self):
+            return {"name": "tiny"}
+
+        def slug(self):
+            return "tiny"
+
+    paths = write_sheets(cur, Tiny(), tmp_path / "sheets", n=4)
+    assert sorted(p.name for p in paths) == ["cat-edge.png", "cat-top.png", "dog-edge.png", "dog-top.png",
+                                            "none-top.png"]
+    with Image.open(paths[0]) as im:
+        assert im.size[0] > 4 * 96  # a real grid
+    save(cur, tmp_path / "c.json", {"name": "tiny"})
+    assert load_rows(tmp_path / "c.json", {"name": "tiny"}).tolist() == [0, 3, 5, 7]
+    with pytest.raises(Exception, match="another pool"):
+        load_rows(tmp_path / "c.json", {"name": "other"})
+
+
+def test_reject_threshold_calibration():
+    from clipdistill.fit.quality import calibrate_reject, otsu
+
+    rng = np.random.default_rng(0)
+    sims = np.concatenate([rng.normal(0.3, 0.03, 500), rng.normal(0.7, 0.03, 300)])
+    cut = otsu(sims)
+    assert 0.4 < cut < 0.6
+    match = np.r_[np.zeros(50, bool), np.ones(50, bool)]
+    top = np.r_[rng.uniform(0.3, 0.6, 50), rng.uniform(0.7, 1.0, 50)]
+    r = calibrate_reject(top, match)
+    assert 0.6 <= r["reject_threshold"] <= 0.7 and r["balanced_agreement"] == 100.0
+    assert calibrate_reject(top, np.ones(100, bool))["reject_threshold"] == 0.0  # nothing to calibrate on
+
+
+@pytest.fixture(scope="module")
+def fitted(small_pool, cache_dir, trained_teacher_file, tmp_path_factory) -> dict:
+    from clipdistill.cli import main
+
+    out = tmp_path_factory.mktemp("fit") / "fit"
+    args = ["fit-prompts", "--prompts", str(small_pool / "classes.txt"), "--pool", str(small_pool / "pool"),
+            "--eval", str(small_pool / "eval" / "test"), "--out", str(out), "--pretrained", str(trained_teacher_file),
+            "--cache-dir", str(cache_dir), "--epochs", "3", "--batch-size", "32", "--no-progress", "--json"]
+    return {"args": args, "out": out, "rc": main(args)}
+
+
+def test_fit_prompts_writes_everything_and_counts(fitted, capsys):
+    assert fitted["rc"] == 0
+    out = fitted["out"]
+    s = json.loads((out / "summary.json").read_text())
+    assert {k: s["pool"][k] for k in ("files", "images", "duplicates", "broken")} == \
+        {"files": 415, "images": 400, "duplicates": 12, "broken": 3}
+    assert len(s["pool"]["broken_files"]) == 3 and len(s["pool"]["duplicate_files"]) == 12
+    assert s["teacher_zero_shot_accuracy"] > 80  # the tiny teacher knows these four shapes
+    assert s["curation"]["kept"] == 400 and sum(s["curation"]["per_class"].values()) == 400
+    for c in ("circle", "crescent", "heart", "star"):
+        assert (out / "sheets" / f"{c}-top.png").is_file() and (out / "sheets" / f"{c}-edge.png").is_file()
+    assert (out / "sheets" / "disagreements.png").is_file()
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["circle", "crescent", "heart", "star"]  # test/'s folders name the prompts' classes
+    assert meta["prompts"] == ["a circle", "a crescent", "a heart", "a star"]
+    assert 0 <= meta["reject_threshold"] < 1 and meta["reject_calibration"]["score"]
+    assert (out / "model.int8.onnx").is_file()
+    q = s["quality"]
+    assert np.asarray(q["confusion_vs_teacher"]["counts"]).sum() == q["held_out_images"] == 40
+    report = (out / "REPORT.md").read_text()
+    assert "12 duplicates" in report and "3 broken" in report
+    # a second call finds the training done: same numbers, no epoch trained again
+    from clipdistill.cli import main
+
+    result = (out / "run" / "result.json").read_text()
+    metrics = (out / "run" / "metrics.jsonl").read_text()
+    assert main(fitted["args"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["student"] == s["student"] and again["curation"] == s["curation"]
+    assert (out / "run" / "result.json").read_text() == result
+    assert (out / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_fit_prompts_without_labels_at_all(small_pool, cache_dir, trained_teacher_file, tmp_path, capsys):
+    """No --eval: nothing is labelled anywhere; the run reports agreement only, INT8 is gated on
+    how many predictions change."""
+    from clipdistill.cli import main
+
+    out = tmp_path / "fit"
+    assert main(["fit-prompts", "--prompts", str(small_pool / "classes.txt"), "--pool", str(small_pool / "pool"),
+                 "--out", str(out), "--pretrained", str(trained_teacher_file), "--cache-dir", str(cache_dir),
+                 "--epochs", "1", "--batch-size", "32", "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    assert "teacher zero-shot on --eval: -" in report and "test accuracy -" in report
+    s = json.loads((out / "summary.json").read_text())
+    assert s["teacher_zero_shot_accuracy"] is None and s["quality"]["held_out_images"] == 40
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"] == ["a circle", "a crescent", "a heart", "a star"]  # no folders: the prompts name them
+    q = json.loads((out / "model.int8.json").read_text())["quantization"]
+    assert "no labels" in q["eval_split"] and q["accuracy_drop"] == pytest.approx(100 - q["agreement_with_fp32"])
+
+
+def test_predict_rejects_below_the_threshold(fitted, small_pool):
+    from clipdistill.deploy.predict import predict
+
+    model = str(fitted["out"] / "model.onnx")
+    imgs = [str(small_pool / "eval" / "test")]
+    every = predict(model, imgs, top_k=2, reject=0.0)["results"]
+    assert len(every) == 60 and not any(r["rejected"] for r in every)
+    none = predict(model, imgs, top_k=2, reject=0.999999)["results"]
+    assert all(r["rejected"] and r["label"] == "none of these" for r in none)
+    assert [r["top"] for r in none] == [r["top"] for r in every]  # the scores are unchanged
+
+
+def test_video_predict_matches_the_frames_as_images(fitted, small_pool, tmp_path, capsys):
+    import cv2
+
+    from clipdistill.cli import main
+    from clipdistill.deploy.predict import predict
+
+    files = sorted((small_pool / "eval" / "test").rglob("*.png"))[::6]
+    video = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (32, 32))
+    for f in files:
+        w.write(cv2.cvtColor(np.asarray(Image.open(f).convert("RGB")), cv2.COLOR_RGB2BGR))
+    w.release()
+    # the frames as OpenCV decodes them, saved losslessly: predict on images must agree
+    cap, decoded = cv2.VideoCapture(str(video)), []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        p = tmp_path / "frames" / f"{len(decoded):03d}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).save(p)
+        decoded.append(p)
+    assert len(decoded) == len(files)
+    model = str(fitted["out"] / "model.onnx")
+    expected = [r["top"][0]["class"] for r in predict(model, [str(tmp_path / "frames")], reject=0.0)["results"]]
+    capsys.readouterr()
+    annotated = tmp_path / "annotated.mp4"
+    assert main(["predict", "--model", model, str(video), "--json", "--reject", "off", "--top-k", "2",
+                 "--annotate", str(annotated), "--batch-size", "4"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [ln["frame"] for ln in lines] == list(range(len(files)))
+    assert [ln["top"][0]["class"] for ln in lines] == expected
+    assert abs(lines[1]["time"] - 0.2) < 1e-6
+    check = cv2.VideoCapture(str(annotated))
+    assert int(check.get(cv2.CAP_PROP_FRAME_COUNT)) == len(files)
+
+
+def test_reprompting_an_embedding_student(embedding_run, trained_run, cache_dir, tmp_path):
+    """An mse student learnt the teacher's embedding: prompts it never saw become its head."""
+    from clipdistill.core.errors import ConfigError
+    from clipdistill.data.shapes10 import CLASSES, generate
+    from clipdistill.deploy.export import ExportConfig, export
+    from clipdistill.deploy.predict import predict
+
+    new = ["ring", "cross", "heart"]
+    prompts = tmp_path / "new.txt"
+    prompts.write_text("".join(f"a {c}\n" for c in new))
+    res = export(ExportConfig(run=str(embedding_run), prompts=str(prompts), cache_dir=str(cache_dir)))
+    assert res["path"].endswith("model-new.onnx") and res["info"]["classes"] == [f"a {c}" for c in new]
+    assert "reject_threshold" not in res["info"]
+    images, labels = generate("test", 300, 32, 3003)
+    keep = np.isin(labels, [CLASSES.index(c) for c in new])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    truth = {}
+    for i in np.flatnonzero(keep):
+        Image.fromarray(images[i]).save(folder / f"{i:04d}.png")
+        truth[f"{i:04d}.png"] = f"a {CLASSES[labels[i]]}"
+    got = predict(res["path"], [str(folder)])["results"]
+    acc = np.mean([r["top"][0]["class"] == truth[os.path.basename(r["path"])] for r in got])
+    assert acc > 0.7, acc  # chance: 1/3
+    # a student that learnt class logits (here: from labels) cannot take new prompts, and says why
+    with pytest.raises(ConfigError, match="embedding"):
+        export(ExportConfig(run=str(trained_run), prompts=str(prompts), cache_dir=str(cache_dir)))
+
+
+def test_fit_prompts_bad_input_names_the_flag(small_pool, tmp_path, capsys):
+    from clipdistill.cli import main
+
+    base = ["fit-prompts", "--prompts", str(small_pool / "classes.txt"), "--out", str(tmp_path / "o")]
+    for extra, flag in ((["--pool", str(tmp_path / "nope")], "--pool"),
+                        (["--pool", str(small_pool / "pool"), "--eval", str(small_pool)], "--eval"),
+                        (["--pool", str(small_pool / "pool"), "--keep-threshold", "1.5"], "--keep-threshold")):
+        with pytest.raises(SystemExit) as e:
+            main(base + extra)
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(base + ["--pool", str(tmp_path / "empty")])
+    assert "no files in it" in capsys.readouterr().err
