@@ -1,0 +1,252 @@
+"""`clipdistill compress`: quantization-aware training and 2:4 sparsity for TensorRT, as the
+companion does, with NVIDIA Model Optimizer (`pip install 'clipdistill[compress]'`).
+
+- `ptq`: Model Optimizer's INT8 fake quantization in TensorRT's form (symmetric int8,
+  per-channel weights, per-tensor activations), calibrated on training images; no training.
+- `qat`: the same, then a short fine-tune with the run's own distillation recipe (the teacher's
+  targets, the same augmented views): the weights learn to live with the rounding. Depthwise
+  students (MobileNet, EfficientNet) are where post-training INT8 loses most, and QAT wins it back.
+- `sparse24`: every eligible convolution/linear weight pruned to two zeros in each group of four
+  along its input channels (magnitude), fine-tuned with the masks kept, then baked into the
+  weights. TensorRT builds those layers with sparse tensor cores (`trtexec --sparsity=enable`);
+  on a CPU, and in PyTorch for convolutions, 2:4 brings no speed: only the pattern is checked here.
+
+The fine-tune is `clipdistill train` itself (the run's config, a few epochs at a low rate, in a
+fresh folder beside the run), so teaching, augmentation and validation are the run's. The ONNX
+file comes from the fine-tuned model in the same process (Q/DQ nodes for `ptq`/`qat`: the form
+TensorRT builds as INT8 with `--int8`), checked against PyTorch and measured on the test split
+with ONNX Runtime. A killed compress starts again from the run's `best` (it takes minutes;
+the fine-tune folder is replaced): nothing of Model Optimizer's state is pickled to disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..core import atomic
+from ..core.config import check, option
+from ..core.errors import ConfigError, MissingSplitError
+from ..distill.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+MODES = ("qat", "ptq", "sparse24")
+
+
+@dataclasses.dataclass
+class CompressConfig:
+    run: str = option("", "run folder written by `clipdistill train` (its best checkpoint is compressed)",
+                      metavar="DIR")
+    mode: str = option("qat", "qat: INT8 fake quantization then a fine-tune; ptq: the INT8 calibration alone; "
+                              "sparse24: 2:4 structured sparsity then a fine-tune", choices=list(MODES))
+    epochs: int = option(3, "fine-tune epochs (qat, sparse24)")
+    lr: float = option(1e-4, "fine-tune learning rate (Adam, cosine, no warm-up)")
+    calib_images: int = option(512, "training images that calibrate the INT8 ranges")
+    out: str = option("", "ONNX file to write; default RUN/model.MODE.onnx", metavar="FILE")
+    cache_dir: str = option("", "override the run's cache folder", metavar="DIR")
+    seed: int = option(0, "fine-tune seed")
+    tolerance: float = option(1e-2, "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|) "
+                                    "(fake quantization rounds differently by one step here and there)")
+    progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check(bool(self.run) and Path(self.run).is_dir(), "run", "give a run folder made by `clipdistill train`")
+        check(RunDir(self.run).best.is_file(), "run", f"{self.run} has no best checkpoint; train it first")
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.calib_images >= 8, "calib_images", "must be >= 8")
+        check(self.tolerance > 0, "tolerance", "must be > 0")
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out) if self.out else RunDir(self.run).path / f"model.{self.mode}.onnx"
+
+
+def modelopt():
+    """(quantization, sparsity) modules of NVIDIA Model Optimizer, or a ConfigError saying how
+    to install them."""
+    try:
+        import modelopt.torch.quantization as mtq
+        import modelopt.torch.sparsity as mts
+    except ImportError as e:
+        raise ConfigError(f"compress needs NVIDIA Model Optimizer ({e}); pip install 'clipdistill[compress]'") \
+            from None
+    return mtq, mts
+
+
+def sparsity_24(module: torch.nn.Module) -> dict:
+    """How many convolution/linear weights hold the 2:4 pattern (two zeros in every group of
+    four along the input channels, at each kernel position), in PyTorch weights."""
+    layers, sparse = [], []
+    for name, m in module.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            frac = fraction_24(m.weight.detach().cpu().numpy())
+            if frac is not None:
+                layers.append(name)
+                if frac == 1.0:
+                    sparse.append(name)
+    return {"eligible_layers": len(layers), "layers_2to4": len(sparse), "sparse": sparse}
+
+
+def fraction_24(w: np.ndarray) -> Optional[float]:
+    """Share of the groups of four input channels with >= 2 zeros; None when the input
+    channels do not come in fours (those layers stay dense). Conv weights are (out, in, kh, kw),
+    linear (out, in); ONNX initializers have the same layout."""
+    if w.ndim == 4:
+        w = w.transpose(0, 2, 3, 1).reshape(-1, w.shape[1])
+    if w.ndim != 2 or w.shape[1] % 4 or w.shape[1] < 4:
+        return None
+    g = w.reshape(w.shape[0], -1, 4)
+    return float(((g == 0).sum(-1) >= 2).mean())
+
+
+def _trainer(cfg: CompressConfig, fine_tune: Path):
+    from ..distill.config import TrainConfig
+    from ..distill.trainer import Trainer
+
+    saved = RunDir(cfg.run).read_config()
+    over = {"out": str(fine_tune), "epochs": cfg.epochs, "lr": cfg.lr, "warmup_epochs": 0.0, "schedule": "cosine",
+            "amp": "fp32", "channels_last": False, "resume": "auto", "progress": cfg.progress, "seed": cfg.seed}
+    if cfg.cache_dir:
+        over["cache_dir"] = cfg.cache_dir
+    return Trainer(TrainConfig(**{**saved, **over}))
+
+
+def _accuracy(trainer) -> float:
+    s, _, y = trainer.predict(trainer.data.rows("test"))
+    keep = y >= 0
+    return float((s.argmax(1)[keep] == y[keep]).float().mean() * 100) if keep.any() else float("nan")
+
+
+def _reset_optimizer(trainer, lr: float) -> None:
+    """A fresh optimizer over the (now wrapped) student, the cosine schedule over the fine-tune."""
+    from ..distill.trainer import lr_factor
+
+    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=lr)
+    total = trainer.steps_per_epoch * trainer.cfg.epochs
+    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor("cosine", total, 0))
+
+
+def compress(cfg: CompressConfig) -> dict:
+    from ..distill import checkpoint
+    from .export import (_student_pixels, _torch_to_onnx, _write, check_parity, load_student, onnx_accuracy,
+                         parity_inputs)
+    from .predict import run_batches, session
+
+    mtq, mts = modelopt()
+    t0 = time.time()
+    run = RunDir(cfg.run)
+    fine_tune = run.path / f"compress-{cfg.mode}"
+    shutil.rmtree(fine_tune, ignore_errors=True)  # never resumed: Model Optimizer's wrappers are rebuilt each time
+    trainer = _trainer(cfg, fine_tune)
+    if "test" not in trainer.data.names:
+        raise MissingSplitError(f"--run {cfg.run}: compress measures accuracy on labelled test images, and this "
+                                f"run has none", "test")
+    state = checkpoint.load(run.best)
+    model = checkpoint.unwrap(trainer.model)
+    model.load_state_dict(state["model"])
+    trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
+    model.to(memory_format=torch.contiguous_format).eval()  # Model Optimizer's sparsity refuses channels-last
+    result: dict = {"mode": cfg.mode, "run": str(run), "student": trainer.cfg.student,
+                    "dense_fp32_accuracy": _accuracy(trainer)}
+    log.info("%s: test accuracy %.2f%% (fp32, dense)", run, result["dense_fp32_accuracy"])
+
+    if cfg.mode in ("qat", "ptq"):
+        rows = trainer.train_rows.take(np.random.default_rng(cfg.seed).permutation(len(trainer.train_rows))
+                                       [: cfg.calib_images])
+
+        def calibrate(m) -> None:
+            for i in range(0, len(rows), 64):
+                imgs, _, _ = trainer.data.gather(rows.take(np.arange(i, min(i + 64, len(rows)))))
+                from ..data.pixels import to_float
+                from .. distill.augment import identity_views
+
+                x = to_float(imgs.to(trainer.device))
+                m(trainer.student_pixels(x, identity_views(len(x)), None))
+
+        with torch.no_grad():
+            mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop=calibrate)
+        result["ptq_accuracy"] = _accuracy(trainer)
+        log.info("INT8 after calibration (PTQ): %.2f%%", result["ptq_accuracy"])
+    else:
+        mts.sparsify(model, "sparse_magnitude")
+        result["pruned_accuracy"] = _accuracy(trainer)
+        log.info("2:4 after magnitude pruning: %.2f%%", result["pruned_accuracy"])
+
+    if cfg.mode != "ptq":
+        _reset_optimizer(trainer, cfg.lr)
+        model.train()
+        trainer.fit()
+        model.eval()
+        result["fine_tuned_accuracy"] = _accuracy(trainer)
+        log.info("after %d fine-tune epochs: %.2f%%", cfg.epochs, result["fine_tuned_accuracy"])
+    if cfg.mode == "sparse24":
+        mts.export(model)  # masks baked into the weights: a plain module with zeros where they belong
+        result["sparsity"] = {k: v for k, v in sparsity_24(model).items() if k != "sparse"}
+
+    # The ONNX file: the student with its head, as `export` writes it, from the compressed weights.
+    loaded, _ = load_student(cfg.run, "best", cache_dir=cfg.cache_dir)
+    loaded.module.encoder = model
+    loaded.module.eval()  # Trainer.predict leaves the student in train mode
+    info = loaded.info
+    x, where = parity_inputs(loaded, state["config"], 16, cfg.cache_dir)
+    with torch.no_grad():
+        reference = loaded.module(torch.from_numpy(x)).numpy()
+    out = cfg.out_path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".compress-{os.getpid()}-", dir=out.parent) as tmp:
+        tmp_path = Path(tmp) / "model.onnx"
+        exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, "torchscript", 17)
+        sess = session(tmp_path)
+        parity = check_parity(reference, run_batches(sess, x, len(x)), cfg.tolerance, f" ({cfg.mode})")
+        test = trainer.outs.datasets["test"]
+        imgs = test.pixels(info["trained_size"])
+        onnx_acc, _ = onnx_accuracy(sess, _student_pixels(imgs, info), np.asarray(test.targets))
+        result["onnx_accuracy"] = onnx_acc
+        import onnx
+
+        graph = onnx.load(str(tmp_path)).graph
+        ops = [n.op_type for n in graph.node]
+        result["onnx_ops"] = {"QuantizeLinear": ops.count("QuantizeLinear"),
+                              "DequantizeLinear": ops.count("DequantizeLinear"), "Conv": ops.count("Conv")}
+        if cfg.mode == "sparse24":
+            from onnx import numpy_helper
+
+            fr = [fraction_24(numpy_helper.to_array(t)) for t in graph.initializer if len(t.dims) in (2, 4)]
+            result["onnx_initializers_2to4"] = sum(f == 1.0 for f in fr if f is not None)
+        precision = "int8-qdq" if cfg.mode != "sparse24" else "fp32-2:4"
+        flags = "--int8 --fp16" if cfg.mode != "sparse24" else "--fp16 --sparsity=enable"
+        info = {**info, "format": info.get("format", "clipdistill-onnx/1"), "precision": precision, "exporter": exp,
+                "parity": {**parity, "inputs": where}, "compression": result,
+                "trtexec": f"trtexec --onnx={out.name} {flags} --saveEngine={out.stem}.engine",
+                "accuracy": {"onnx_test_accuracy": onnx_acc, "source": f"ONNX Runtime CPU, {test.name} test"}}
+        _write(tmp_path, out, info)
+    result.update({"path": str(out), "trtexec": info["trtexec"], "seconds": round(time.time() - t0, 1)})
+    atomic.write_json(out.with_suffix(".result.json"), result)
+    log.info("wrote %s (%s): test accuracy %.2f%% in ONNX Runtime; on a TensorRT machine: %s", out, precision,
+             onnx_acc, info["trtexec"])
+    return result
+
+
+def run_cli(cfg: CompressConfig, args) -> int:
+    import json
+
+    res = compress(cfg)
+    if getattr(args, "json", False):
+        print(json.dumps(res, default=str))
+        return 0
+    keys = [k for k in ("dense_fp32_accuracy", "ptq_accuracy", "pruned_accuracy", "fine_tuned_accuracy",
+                        "onnx_accuracy") if k in res]
+    print(f"{res['path']}: " + ", ".join(f"{k.replace('_accuracy', '').replace('_', ' ')} {res[k]:.2f}%"
+                                         for k in keys))
+    print(f"TensorRT: {res['trtexec']}")
+    return 0
