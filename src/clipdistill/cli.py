@@ -283,7 +283,7 @@ VERBS.add("predict", Verb(
     "batches; a file that cannot be read is skipped with a warning naming it.\n\n"
     "examples:\n  clipdistill predict --model runs/RUN/model.int8.onnx photos/\n"
     "  clipdistill predict --model model.onnx cat.jpg dog.png --top-k 3 --json",
-    ".deploy.predict:PredictConfig", ".deploy.predict:run_cli", lambda p: _load(".deploy.predict:cli_args")(p)))
+    ".deploy.predict:PredictConfig", ".deploy.predict_cli:run_cli", lambda p: _load(".deploy.predict_cli:cli_args")(p)))
 
 
 # ------------------------------------------------------------------------------ parsing

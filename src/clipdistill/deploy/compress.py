@@ -54,6 +54,7 @@ class CompressConfig:
     out: str = option("", "ONNX file to write; default RUN/model.MODE.onnx", metavar="FILE")
     cache_dir: str = option("", "override the run's cache folder", metavar="DIR")
     seed: int = option(0, "fine-tune seed")
+    max_images: int = option(0, "quick trials: the first N images of each split (test included) instead of the run's")
     tolerance: float = option(1e-2, "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|) "
                                     "(fake quantization rounds differently by one step here and there)")
     progress: bool = option(True, "show progress bars")
@@ -65,6 +66,7 @@ class CompressConfig:
         check(self.lr > 0, "lr", "must be > 0")
         check(self.calib_images >= 8, "calib_images", "must be >= 8")
         check(self.tolerance > 0, "tolerance", "must be > 0")
+        check(self.max_images >= 0, "max_images", "must be >= 0 (0 = the run's)")
 
     @property
     def out_path(self) -> Path:
@@ -118,6 +120,8 @@ def _trainer(cfg: CompressConfig, fine_tune: Path):
             "amp": "fp32", "channels_last": False, "resume": "auto", "progress": cfg.progress, "seed": cfg.seed}
     if cfg.cache_dir:
         over["cache_dir"] = cfg.cache_dir
+    if cfg.max_images:
+        over["max_images"] = cfg.max_images
     return Trainer(TrainConfig(**{**saved, **over}))
 
 

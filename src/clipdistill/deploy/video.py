@@ -20,7 +20,6 @@ from ..core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
-NONE_LABEL = "none of these"
 
 
 def is_video(path: Union[str, Path]) -> bool:
@@ -63,21 +62,13 @@ def frames(cap, stride: int = 1, max_frames: int = 0) -> Iterator[tuple[int, flo
         i += 1
 
 
-def top_k(p: np.ndarray, classes: list[str], k: int, reject: float) -> dict:
-    """The frame's (or image's) answer: top-k, and the label, `none of these` under `reject`."""
-    order = np.argsort(-p, kind="stable")[:k]
-    top = [{"class": classes[i], "prob": float(p[i])} for i in order]
-    rejected = bool(reject > 0 and p[order[0]] < reject)
-    return {"label": NONE_LABEL if rejected else top[0]["class"], "rejected": rejected, "top": top}
-
-
 def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: float, batch_size: int = 16,
                   stride: int = 1, max_frames: int = 0, annotate: Optional[str] = None,
                   on_frame: Optional[Callable[[dict], None]] = None) -> dict:
     """Run the model on a video file or camera; `on_frame` gets each frame's answer as it comes."""
     from PIL import Image
 
-    from .predict import preprocess, softmax
+    from .predict import answer, preprocess, softmax
 
     cv2 = _cv2()
     cap = open_capture(source)
@@ -96,7 +87,7 @@ def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: flo
         probs = softmax(sess.run(None, {name: x})[0].astype(np.float64))
         for (i, t, frame), p in zip(pending, probs):
             ans = {"source": str(source), "frame": i, "time": None if t != t else round(t, 3),
-                   **top_k(p, classes, k, reject)}
+                   **answer(p, classes, k, reject)}
             answers.append(ans)
             if on_frame:
                 on_frame(ans)

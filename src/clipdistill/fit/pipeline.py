@@ -220,7 +220,7 @@ def report(s: dict, cfg: FitConfig) -> str:
         f"reject below top probability {q['reject_threshold']:.3f}; disagreements: {q['disagreements_sheet']}",
         f"- model: {e['onnx']} (sidecar {e['sidecar']}); INT8: {e['int8'] or '-'} "
         f"(test accuracy {_pct(e['int8_accuracy'])}, fp32 ONNX {_pct(e['fp32_onnx_accuracy'])})",
-        f"- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if v is not None)
+        "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if v is not None)
         + f"; wall {s['wall_seconds']:.0f} s", "",
         f"Predict: `clipdistill predict --model {e['onnx']} IMAGES_OR_VIDEO`",
     ]
