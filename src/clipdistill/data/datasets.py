@@ -21,8 +21,8 @@ import numpy as np
 from ..core.errors import ConfigError, MissingResourceError, MissingSplitError
 from ..core.network import reachable
 from ..core.registry import Registry
-from .images import display_path, open_rgb
-from .protocol import ImageDataset, InMemoryDataset
+from .images import display_path
+from .protocol import FileDataset, ImageDataset, InMemoryDataset
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def _is_candidate(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".")
 
 
-class ImageFolder(ImageDataset):
+class ImageFolder(FileDataset):
     """A labelled split of a folder of images: sub-folders are classes; a flat folder is
     unlabeled (-1). The unlabeled split is a pool (pool.py), whose sub-folders are never classes.
 
@@ -220,7 +220,7 @@ class ImageFolder(ImageDataset):
         self.split = split
         self.files = [p for p, _ in files]
         self.targets = np.asarray([label for _, label in files], dtype=np.int64)
-        self.prompts = [f"a photo of a {c.replace('_', ' ')}" for c in self.classes]
+        self.prompts = self.default_prompts()
 
     def fingerprint(self) -> dict:
         h = hashlib.sha1()
@@ -235,14 +235,6 @@ class ImageFolder(ImageDataset):
         path = os.fsencode(self.base.resolve().parent if self.base.name == self.split else self.base.resolve())
         return f"folder-{display_path(Path(os.fsdecode(path)).name)}-{hashlib.sha1(path).hexdigest()[:8]}"
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, i: int):
-        return open_rgb(self.files[i])
-
-    def describe(self, i: int) -> str:
-        return display_path(self.files[i])
 
 
 @DATASETS.register("folder")

@@ -27,7 +27,7 @@ import numpy as np
 from ..core import atomic
 from ..core.errors import ClipDistillError, ConfigError
 from .images import display_path, open_rgb
-from .protocol import ImageDataset
+from .protocol import FileDataset
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
     return idx
 
 
-class PoolDataset(ImageDataset):
+class PoolDataset(FileDataset):
     """The distinct readable images of a pool, as the unlabeled split (labels -1). Its classes
     are the caller's (a labelled folder's, or the prompts)."""
 
@@ -162,16 +162,7 @@ class PoolDataset(ImageDataset):
         self.files = [Path(os.fsdecode(bytes.fromhex(f))) for f in index.images]
         self.targets = np.full(len(self.files), -1, dtype=np.int64)
         self.classes = list(classes)
-        self.prompts = [f"a photo of a {c.replace('_', ' ')}" for c in self.classes]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def load(self, i: int):
-        return open_rgb(self.files[i])
-
-    def describe(self, i: int) -> str:
-        return display_path(self.files[i])
+        self.prompts = self.default_prompts()
 
     def fingerprint(self) -> dict:
         return self.index.fingerprint()

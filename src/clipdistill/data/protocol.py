@@ -102,3 +102,27 @@ class InMemoryDataset(ImageDataset):
     def pixels(self, decode_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
         """The array itself: students resize batches on the fly to their own side."""
         return self.data
+
+
+class FileDataset(ImageDataset):
+    """A split whose images are files (`self.files`), decoded on demand: labelled folders and
+    pools. Prompts default to "a photo of a CLASS"."""
+
+    files: list
+
+    def default_prompts(self) -> list[str]:
+        return [f"a photo of a {c.replace('_', ' ')}" for c in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int):
+        from .images import open_rgb
+
+        return open_rgb(self.files[i])
+
+    def describe(self, i: int) -> str:
+        from .images import display_path
+
+        return display_path(self.files[i])
+

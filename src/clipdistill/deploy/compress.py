@@ -168,12 +168,12 @@ def compress(cfg: CompressConfig) -> dict:
         rows = trainer.train_rows.take(np.random.default_rng(cfg.seed).permutation(len(trainer.train_rows))
                                        [: cfg.calib_images])
 
+        from ..data.pixels import to_float
+        from ..distill.augment import identity_views
+
         def calibrate(m) -> None:
             for i in range(0, len(rows), 64):
                 imgs, _, _ = trainer.data.gather(rows.take(np.arange(i, min(i + 64, len(rows)))))
-                from ..data.pixels import to_float
-                from .. distill.augment import identity_views
-
                 x = to_float(imgs.to(trainer.device))
                 m(trainer.student_pixels(x, identity_views(len(x)), None))
 

@@ -102,9 +102,15 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     text = outs.text_embeddings.numpy()
     zero_shot = None
     if "test" in outs.datasets:
+        import torch
+
+        from ..teacher.heads import accuracy
+
         emb, labels = outs.labelled("test")
-        pred = zero_shot_probs(emb, text, teacher.logit_scale).argmax(1)
-        zero_shot = float((pred[labels >= 0] == labels[labels >= 0]).mean() * 100)
+        keep = labels >= 0
+        with torch.no_grad():  # as teacher-eval measures it
+            zero_shot, _ = accuracy(outs.text_head(teacher.logit_scale)(torch.from_numpy(emb[keep])),
+                                    torch.from_numpy(labels[keep]), len(outs.classes))
         log.info("teacher zero-shot on %s: %.2f%% (%d images)", cfg.eval, zero_shot, int((labels >= 0).sum()))
     stages.finish("embed", {"teacher": teacher.fingerprint(), "teacher_zero_shot_accuracy": zero_shot,
                             "classes": outs.classes, "prompts": outs.prompts})

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..deploy.predict import softmax
 from ..teacher.curate import best_similarity
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,6 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
     # Every cut inside an empty gap between the groups splits them alike: take the gap's middle.
     best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
     return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def calibrate_reject(student_top: np.ndarray, teacher_match: np.ndarray) -> dict:
