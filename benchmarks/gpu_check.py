@@ -61,6 +61,14 @@ def peak_mb(fn, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
+def cpu_half():
+    """The reduced precision a CPU runs natively (bf16 with AVX512-BF16/AMX), else fp32: the dry
+    run checks the script, and emulated bf16 would only make it slow."""
+    from clipdistill.core.device import cpu_has_native_bf16
+
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 def student_training(device, size: int, batch: int, steps: int) -> list[dict]:
     from clipdistill.data.pixels import normalize, to_float
     from clipdistill.distill.students import create_student
@@ -69,7 +77,7 @@ def student_training(device, size: int, batch: int, steps: int) -> list[dict]:
     images = torch.randint(0, 255, (batch * steps, size, size, 3), dtype=torch.uint8)
     for name, amp, channels_last, study in (("study loop (fp32, per-sample tensors, DataLoader)", None, False, True),
                                             ("clipdistill loop (AMP, channels-last, device batches)",
-                                             torch.float16 if device.type == "cuda" else torch.bfloat16, True, False)):
+                                             torch.float16 if device.type == "cuda" else cpu_half(), True, False)):
         torch.manual_seed(0)
         model = create_student("resnet18", 10).to(device)
         if channels_last:
@@ -93,7 +101,7 @@ def student_training(device, size: int, batch: int, steps: int) -> list[dict]:
             for i in range(steps):
                 x = normalize(to_float(dev_images[i * batch:(i + 1) * batch]), 0.5, 0.25)
                 x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp):
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not torch.float32):
                     loss = torch.nn.functional.cross_entropy(model(x), torch.zeros(batch, dtype=torch.long,
                                                                                   device=device))
                 opt.zero_grad()
@@ -110,7 +118,8 @@ def teacher_embedding(device, n: int, study_batch: int = 1) -> list[dict]:
     rows = []
     for name, precision, batch in (("study (fp32, one image per call)", "fp32", study_batch),
                                    ("clipdistill (fp16 on CUDA / bf16 on CPU, batched)",
-                                    "fp16" if device.type == "cuda" else "bf16", min(256, n))):
+                                    "fp16" if device.type == "cuda" else
+                                    ("bf16" if cpu_half() is torch.bfloat16 else "fp32"), min(256, n))):
         t = random_vit_teacher("fp32" if precision == "fp32" else "bf16")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         model = t.model.to(device=device, dtype=dtype).eval()
@@ -129,8 +138,8 @@ def teacher_embedding(device, n: int, study_batch: int = 1) -> list[dict]:
 def inference_table(device, batches: list[int], compile_too: bool) -> list[dict]:
     from clipdistill.distill.students import create_student
 
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    teacher = random_vit_teacher("bf16").model.visual.to(device=device, dtype=dtype).eval()
+    dtype = torch.float16 if device.type == "cuda" else cpu_half()
+    teacher = random_vit_teacher("fp32").model.visual.to(device=device, dtype=dtype).eval()
     student = create_student("resnet18", 10).to(device=device, dtype=dtype).eval()
     student = student.to(memory_format=torch.channels_last)
     rows = []
@@ -146,7 +155,9 @@ def inference_table(device, batches: list[int], compile_too: bool) -> list[dict]
                 def run() -> None:
                     fn_model(xi)
 
-                res[role] = (rate(run, b, device, warmup=3, reps=10), peak_mb(run, device))
+                quick = device.type == "cpu"  # the dry run: one timed call proves the path
+                res[role] = (rate(run, b, device, warmup=1 if quick else 3, reps=1 if quick else 10),
+                             peak_mb(run, device))
             rows.append({"what": f"inference {mode} {str(dtype).split('.')[-1]}", "batch": b,
                          "teacher_img_s": round(res["teacher"][0], 1), "student_img_s": round(res["student"][0], 1),
                          "throughput_ratio": round(res["student"][0] / res["teacher"][0], 2),

@@ -1,15 +1,22 @@
 """Compression for TensorRT on the CPU: INT8 Q/DQ (PTQ, QAT) and 2:4 sparsity with NVIDIA
-Model Optimizer, checked in PyTorch and in the exported ONNX. The accuracy QAT wins back on a
-depthwise student is measured by benchmarks/compress_students.py (README), not here."""
+Model Optimizer, checked in PyTorch and in the exported ONNX; the TensorRT-only paths say they
+are skipped here; the prepared GPU script's CPU form runs. How much QAT wins back on depthwise
+students is measured by benchmarks/compress_students.py (README), not here."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("modelopt.torch.quantization")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fraction_24_counts_groups_along_input_channels():
@@ -52,6 +59,7 @@ def test_qat_exports_qdq_onnx_that_onnxruntime_runs(compressed):
     sess = ort.InferenceSession(r["path"])
     meta = json.loads(sess.get_modelmeta().custom_metadata_map["clipdistill"])
     assert meta["precision"] == "int8-qdq" and "--int8" in meta["trtexec"]
+    assert meta["compression"]["ptq_accuracy"] == r["ptq_accuracy"]
 
 
 def test_sparse24_pattern_holds_in_pytorch_and_onnx(compressed):
@@ -67,3 +75,32 @@ def test_sparse24_pattern_holds_in_pytorch_and_onnx(compressed):
     assert sum(f == 1.0 for f in fr if f is not None) == r["onnx_initializers_2to4"] >= r["sparsity"]["layers_2to4"]
     assert "--sparsity=enable" in r["trtexec"]
     assert r["onnx_accuracy"] > r["dense_fp32_accuracy"] - 5
+
+
+def test_tensorrt_paths_report_themselves_skipped_here(compressed, tmp_path):
+    """No TensorRT on these machines: bench says so for each compressed file, and measures nothing."""
+    import shutil
+
+    if shutil.which("trtexec"):
+        pytest.skip("trtexec is installed here: the row is measured, not skipped")
+    from clipdistill.deploy.bench import BenchConfig, bench
+
+    res = bench(BenchConfig(model=[compressed["qat"]["path"], compressed["sparse24"]["path"]],
+                            backend=["trtexec", "ort-trt"], iters=2, warmup=1, out=str(tmp_path / "b.json")))
+    assert len(res["records"]) == 4
+    for rec in res["records"]:
+        assert rec["skipped"] and rec["fps"] is None, rec
+    assert any("trtexec is not on PATH" in rec["skipped"] for rec in res["records"])
+
+
+def test_gpu_check_dry_run_runs_its_cpu_parts(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every part of the prepared GPU script at toy sizes on the CPU."""
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert out["device"] == "CPU (dry run)"
+    assert all(r["img_per_s"] > 0 for r in out["training_and_embedding"])
+    assert all(r["throughput_ratio"] > 0 for r in out["inference"])
+    assert "NCCL torchrun smoke run needs CUDA; skipped here" in proc.stdout

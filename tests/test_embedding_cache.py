@@ -22,13 +22,14 @@ from clipdistill.core.errors import CacheMismatchError
 
 
 def _manifest(cache_root: Path) -> Path | None:
-    found = list(cache_root.glob("embeddings/*/shapes10-32px/unlabeled/manifest.json"))
+    found = list(cache_root.glob("embeddings/*/shapes10-32px*/unlabeled/manifest.json"))
     return found[0] if found else None
 
 
 def test_embed_resumes_after_sigkill_and_equals_uninterrupted_run(tmp_path, data_root, random_teacher_file):
+    # 1,200 images (75 batches): long enough to be killed after five, short enough to embed twice more
     args = ["embed", "--pretrained", str(random_teacher_file), "--split", "unlabeled", "--data-root", str(data_root),
-            "--embed-batch-size", "16", "--workers", "0", "--no-progress"]
+            "--embed-batch-size", "16", "--workers", "0", "--no-progress", "--max-images", "1200"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "clipdistill", *args, "--cache-dir", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())

@@ -202,11 +202,13 @@ def _run_make_pool(cfg, args) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"wrote {res['pool']}: {res['images']} images of all ten shapes10 classes in nested folders, "
+        where = f"in {cfg.shards} tar shards" if cfg.shards else "in nested folders"
+        pool = f"'{res['pool']}'" if cfg.shards else res["pool"]  # braces: quoted for the shell
+        print(f"wrote {res['pool']}: {res['images']} images of all ten shapes10 classes {where}, "
               f"{res['duplicates']} duplicates, {res['broken']} broken files ({res['matching_prompts']} images "
               f"match a prompt)\nprompts for {', '.join(res['classes'])}: {res['prompts']}\nlabelled test images: "
               f"{res['eval']}/test/ ({res['test_images']})\nnext: clipdistill fit-prompts --prompts {res['prompts']} "
-              f"--pool {res['pool']} --eval {res['eval']} --out runs/my-classifier")
+              f"--pool {pool} --eval {res['eval']} --out runs/my-classifier")
     return 0
 
 

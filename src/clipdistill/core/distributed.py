@@ -55,6 +55,63 @@ def barrier(info: DistInfo) -> None:
 
 
 
+def _store():
+    """The process group's key-value store (torchrun's rendezvous store): ranks tell each
+    other that a step is done or failed without a collective that could wait for hours."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def failure_text(e: BaseException) -> str:
+    from .errors import ClipDistillError
+
+    return str(e) if isinstance(e, ClipDistillError) else f"{type(e).__name__}: {e}"
+
+
+class RankFailed(Exception):
+    """Another rank failed; its message is this one's."""
+
+
+def wait_for(keys: list[str], failed_key: str, poll: float = 0.5, store=None) -> None:
+    """Wait until every key is set in the store; raise RankFailed with the failing rank's
+    message as soon as `failed_key` is set (seconds, not the process group's hours)."""
+    import time
+
+    store = store or _store()
+    while not store.check(keys):
+        if store.check([failed_key]):
+            raise RankFailed(store.get(failed_key).decode("utf-8", "replace"))
+        time.sleep(poll)
+
+
+_steps = {"n": 0}
+
+
+def main_first(info: DistInfo, fn, what: str):
+    """`fn()` on rank 0 first, then on the other ranks (which find its files complete): cache
+    preparation. A failure on rank 0 stops every other rank at once with rank 0's message,
+    instead of leaving them in a barrier until the process group's timeout."""
+    if not info.enabled:
+        return fn()
+    from .errors import ClipDistillError
+
+    _steps["n"] += 1
+    key = f"clipdistill/{_steps['n']}/{what}"
+    store = _store()
+    if info.is_main:
+        try:
+            out = fn()
+        except BaseException as e:
+            store.set(key + "/failed", f"rank 0 failed while {what}: {failure_text(e)}")
+            raise
+        store.set(key + "/done", "1")
+        return out
+    try:
+        wait_for([key + "/done"], key + "/failed", store=store)
+    except RankFailed as e:
+        raise ClipDistillError(str(e)) from None
+    return fn()
+
+
 def broadcast_choice(choice, options: tuple, info: DistInfo, device: torch.device):
     """Rank 0's `choice` (one of `options`) on every rank: a decision one rank measured, such
     as the teaching mode. Sent as an index tensor on the rank's own device (NCCL needs it

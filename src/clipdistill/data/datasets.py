@@ -49,6 +49,8 @@ def create_dataset(name: str, split: str, root: str, image_size: int = 32, max_i
                                            max_images=max_images, pools=tuple(pools), cache_dir=cache_dir))
     if max_images and len(ds) > max_images:
         ds = FirstN(ds, max_images)
+    if cache_dir and ds.native_size is None:
+        ds.store_dir = str(cache_dir)  # files: decoded once into the pixel store, shared by every run
     return ds
 
 
@@ -83,7 +85,7 @@ class FirstN(ImageDataset):
     def describe(self, i: int) -> str:
         return self.ds.describe(i)
 
-    def pixels(self, decode_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
+    def pixels(self, decode_size: Optional[int] = None, progress: bool = False):
         if self.native_size is not None:
             return self.ds.pixels(decode_size, progress)[: self.n]
         return super().pixels(decode_size, progress)

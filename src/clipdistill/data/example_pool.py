@@ -10,11 +10,15 @@ as people keep them, prompts for a few of the classes in it, and a labelled test
     DIR/classes.txt                          one prompt per prompted class, in test/'s sorted order
 
 so `fit-prompts --prompts DIR/classes.txt --pool DIR/pool --eval DIR/eval` is the whole road
-on a machine with no network. Most of the pool matches no prompt, as in real photo folders."""
+on a machine with no network. Most of the pool matches no prompt, as in real photo folders.
+With `--shards N` the same pool is written as WebDataset tar shards instead,
+DIR/shards/pool-{000..N-1}.tar (each image a sample `KEY.png` + `KEY.json` with its month; the
+copies and broken files are members too), the form web-scale pools come in."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -43,6 +47,8 @@ class PoolConfig:
     broken: int = option(6, "broken files in the pool (truncated, empty, not an image)")
     test_per_class: int = option(200, "labelled eval images per prompted class")
     seed: int = option(0, "which pool: the images, folders, copies and broken files")
+    shards: int = option(0, "write the pool as this many WebDataset tar shards (DIR/shards/pool-NNN.tar) instead "
+                            "of folders; 0 = folders")
 
     def __post_init__(self) -> None:
         check(bool(self.out), "out", "give the folder to write, e.g. --out my-pool")
@@ -55,6 +61,7 @@ class PoolConfig:
         check(self.broken >= 0, "broken", "must be >= 0")
         check(self.test_per_class >= 1, "test_per_class", "must be >= 1")
         check(self.seed >= 0, "seed", "must be >= 0")
+        check(self.shards >= 0, "shards", "must be >= 0 (0 = folders)")
 
 
 def _render(n: int, size: int, seed: int, labels: np.ndarray) -> np.ndarray:
@@ -64,14 +71,44 @@ def _render(n: int, size: int, seed: int, labels: np.ndarray) -> np.ndarray:
     return images
 
 
-def _png(path: Path, image: np.ndarray) -> None:
+def _png_bytes(image: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
-    atomic.write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _png(path: Path, image: np.ndarray) -> None:
+    atomic.write_bytes(path, _png_bytes(image))
+
+
+class _ShardSink:
+    """Pool members into `shards` tar files, round-robin by sample, written with webdataset's
+    TarWriter (each file becomes a temporary name until it is complete)."""
+
+    def __init__(self, folder: Path, shards: int):
+        import webdataset as wds
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.final = [folder / f"pool-{k:03d}.tar" for k in range(shards)]
+        self.tmp = [p.with_name(p.name + ".part") for p in self.final]
+        self.writers = [wds.TarWriter(str(t), encoder=False, mtime=0) for t in self.tmp]
+        self.n = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        self.writers[self.n % len(self.writers)].write({"__key__": key, **members})
+        self.n += 1
+
+    def close(self) -> str:
+        import os
+
+        for w, t, f in zip(self.writers, self.tmp, self.final):
+            w.close()
+            os.replace(t, f)
+        return str(self.final[0].parent / f"pool-{{000..{len(self.final) - 1:03d}}}.tar")
 
 
 def make_pool(cfg: PoolConfig) -> dict:
@@ -81,7 +118,7 @@ def make_pool(cfg: PoolConfig) -> dict:
     from tqdm import tqdm
 
     out = Path(cfg.out)
-    for sub in ("pool", "eval"):
+    for sub in ("pool", "eval", "shards"):
         shutil.rmtree(out / sub, ignore_errors=True)
     rng = np.random.default_rng([cfg.seed, POOL_SEED])
     n_cls = len(shapes10.CLASSES)
@@ -89,29 +126,38 @@ def make_pool(cfg: PoolConfig) -> dict:
     images = _render(cfg.images, cfg.size, POOL_SEED + 1000 * cfg.seed, labels)
     months = [f"2024-{m:02d}" for m in range(1, 7)]
     truth: dict[str, str] = {}
-    paths = []
+    rels = []
+    sink = _ShardSink(out / "shards", cfg.shards) if cfg.shards else None
+
+    def put(rel: str, data: bytes) -> None:
+        if sink is None:
+            atomic.write_bytes(out / "pool" / rel, data)
+        else:  # one sample per file: the image under its suffix, where it was kept as metadata
+            key, suffix = rel.rsplit(".", 1)
+            sink.write(key.replace("/", "_").replace(" ", "_"),
+                       {suffix: data, "json": json.dumps({"folder": rel.rsplit("/", 1)[0]}).encode()})
+
     for i in tqdm(range(cfg.images), desc="write pool", unit="img", leave=False):
-        folder = out / "pool" / months[rng.integers(len(months))]
+        folder = months[rng.integers(len(months))]
         if rng.random() < 0.2:
-            folder = folder / "burst"  # deeper nesting, as camera bursts are kept
-        p = folder / f"img_{i:05d}.png"
-        _png(p, images[i])
-        paths.append(p)
-        truth[str(p.relative_to(out / "pool"))] = shapes10.CLASSES[labels[i]]
+            folder += "/burst"  # deeper nesting, as camera bursts are kept
+        rel = f"{folder}/img_{i:05d}.png"
+        put(rel, _png_bytes(images[i]))
+        rels.append(rel)
+        truth[rel] = shapes10.CLASSES[labels[i]]
     for j, i in enumerate(rng.choice(cfg.images, cfg.duplicates, replace=False)):
-        q = out / "pool" / "copies" / months[j % len(months)] / f"IMG_{j:04d} (1).png"
-        q.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths[i], q)
-        truth[str(q.relative_to(out / "pool"))] = shapes10.CLASSES[labels[i]]
+        rel = f"copies/{months[j % len(months)]}/IMG_{j:04d} (1).png"
+        put(rel, _png_bytes(images[i]))
+        truth[rel] = shapes10.CLASSES[labels[i]]
     broken = []
     for j in range(cfg.broken):
         kind = ("truncated", "empty", "text")[j % 3]
-        q = out / "pool" / months[j % len(months)] / f"broken_{j}_{kind}" \
-            f"{'.png' if kind != 'text' else '.txt'}"
-        data = paths[j].read_bytes()[:60] if kind == "truncated" else b"" if kind == "empty" else \
+        rel = f"{months[j % len(months)]}/broken_{j}_{kind}{'.png' if kind != 'text' else '.txt'}"
+        data = _png_bytes(images[j])[:60] if kind == "truncated" else b"" if kind == "empty" else \
             b"notes from the trip\n"
-        atomic.write_bytes(q, data)
-        broken.append(str(q.relative_to(out / "pool")))
+        put(rel, data)
+        broken.append(rel)
+    pool = sink.close() if sink is not None else str(out / "pool")
     prompted = [c for c in shapes10.CLASSES if c in cfg.classes]  # sorted as test/ is read: alphabetical
     prompted = sorted(prompted)
     test_labels = np.repeat([shapes10.CLASSES.index(c) for c in prompted], cfg.test_per_class)
@@ -121,6 +167,6 @@ def make_pool(cfg: PoolConfig) -> dict:
     atomic.write_text(out / "classes.txt", "".join(f"a {c}\n" for c in prompted))
     atomic.write_json(out / "truth.json", {"pool": truth, "broken": broken, "prompted": prompted})
     matching = int(np.isin(labels, [shapes10.CLASSES.index(c) for c in prompted]).sum())
-    return {"out": str(out), "pool": str(out / "pool"), "eval": str(out / "eval"), "prompts": str(out / "classes.txt"),
+    return {"out": str(out), "pool": pool, "eval": str(out / "eval"), "prompts": str(out / "classes.txt"),
             "images": cfg.images, "duplicates": cfg.duplicates, "broken": cfg.broken, "matching_prompts": matching,
             "classes": prompted, "test_images": int(len(test_labels))}

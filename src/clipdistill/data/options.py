@@ -21,9 +21,10 @@ class DataOptions:
     image_size: int = option(32, "shapes10 only: side of the generated images in pixels (STL10 is 96)")
     max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials")
     pool: list[str] = option(default_factory=list, help="folder dataset: unlabeled pools, comma-separated: any trees of "
-                                                        "images (sub-folders never mean classes), indexed and "
-                                                        "deduplicated; joined to DATA_ROOT/unlabeled/",
-                             metavar="DIR[,DIR]")
+                                                        "images (sub-folders never mean classes) or tar shards "
+                                                        "('shards/pool-{000..099}.tar', WebDataset's form), indexed "
+                                                        "and deduplicated; joined to DATA_ROOT/unlabeled/",
+                             metavar="DIR|SHARDS[,...]")
     prompts: Optional[str] = option(None, "text file with one prompt per class, in class order; default: the "
                                           "dataset's own prompts", metavar="FILE")
     templates: Optional[str] = option(None, "text file of prompt templates, one per line with {} where the prompt "

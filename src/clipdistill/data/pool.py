@@ -10,6 +10,12 @@ is written atomically under the cache folder and reused for unchanged files (sam
 size and mtime), so a second run reads no image twice. Its counts are what `fit-prompts`
 prints.
 
+Tar shards (`--pool 'shards/pool-{000..099}.tar'`, WebDataset's form) enter the same index:
+each image member is an image like a file (hashed, deduplicated against everything else,
+test-decoded; a shard that breaks off is listed as broken after its last good member), read as
+a stream with the `webdataset` library (data/shards.py); an unchanged shard (same size and
+mtime) is not read again.
+
 The pool's fingerprint is the sorted list of content hashes: renaming or moving photos
 keeps every cache made from it; adding, removing or editing one makes new caches."""
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,6 +33,7 @@ import numpy as np
 
 from ..core import atomic
 from ..core.errors import ClipDistillError, ConfigError
+from . import shards as tar_shards
 from .images import display_path, open_rgb
 from .protocol import FileDataset
 
@@ -102,14 +110,17 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
     """Index the pool's folders (reusing the cached index for unchanged files)."""
     from tqdm import tqdm
 
-    dirs = [Path(r) for r in roots]
+    specs = [os.fspath(r) for r in roots]
+    dirs = [Path(r) for r in specs if not tar_shards.is_shard_spec(r)]
     for d in dirs:
         if not d.is_dir():
-            raise ConfigError(f"--pool {d}: not a folder; give a folder of images (sub-folders of any depth)")
-    cache = index_path(cache_dir, dirs) if cache_dir else None
+            raise ConfigError(f"--pool {d}: not a folder; give a folder of images (sub-folders of any depth) or "
+                              f"tar shards (pool-{{000..099}}.tar)")
+    shards = [s for r in specs if tar_shards.is_shard_spec(r) for s in tar_shards.expand(r)]
+    cache = index_path(cache_dir, specs) if cache_dir else None
     before = _previous(cache)
     files = [p for d in dirs for p in _walk(d)]
-    if not files:
+    if not files and not shards:
         raise ConfigError(f"--pool {', '.join(map(str, dirs))}: no files in it; put your images there "
                           f"(sub-folders of any depth)")
     entries = []
@@ -127,7 +138,9 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
             entry["error"] = str(e)[:200] or type(e).__name__
         entry["file"] = os.fsencode(p.resolve()).hex()  # the real bytes of a non-UTF-8 name
         entries.append(entry)
-    idx = PoolIndex(roots=[display_path(d) for d in dirs], files=len(entries))
+    for shard in tqdm(shards, desc="index shards", unit="shard", disable=not progress or not shards, leave=False):
+        entries += _shard_entries(shard, before)
+    idx = PoolIndex(roots=[display_path(r) for r in specs], files=len(entries))
     first: dict[str, str] = {}
     for e in entries:
         if e["error"]:
@@ -147,6 +160,35 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
     return idx
 
 
+def _shard_entries(shard: Path, before: dict) -> list[dict]:
+    """The index entries of one tar shard: reused when the shard is unchanged, else streamed."""
+    import io
+
+    shard = shard.resolve()
+    st = shard.stat()
+    name = display_path(shard)
+    old = [e for e in before.values() if e.get("shard") == name]
+    if old and all(e.get("shard_size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns for e in old):
+        return old
+    out, n = [], 0
+    for member, data, broke in tar_shards.stream_members(shard):
+        base = {"shard": name, "shard_size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if broke is not None:  # the shard ends here: what came before it is kept
+            out.append({**base, "path": f"{name} (after member {n})", "size": 0, "sha1": "", "error": broke,
+                        "file": ""})
+            break
+        n += 1
+        loc = tar_shards.locator(shard, member)
+        entry = {**base, "path": display_path(loc), "size": len(data), "sha1": hashlib.sha1(data).hexdigest(),
+                 "error": None, "file": os.fsencode(loc).hex()}
+        try:
+            open_rgb(io.BytesIO(data))
+        except OSError as e:
+            entry["error"] = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(e))[:200] or type(e).__name__
+        out.append(entry)
+    return out
+
+
 class PoolDataset(FileDataset):
     """The distinct readable images of a pool, as the unlabeled split (labels -1). Its classes
     are the caller's (a labelled folder's, or the prompts)."""
@@ -159,13 +201,23 @@ class PoolDataset(FileDataset):
                               f"can be read ({len(index.broken)} broken); put readable images there")
         self.index = index
         self.split = split
-        self.files = [Path(os.fsdecode(bytes.fromhex(f))) for f in index.images]
+        names = [os.fsdecode(bytes.fromhex(f)) for f in index.images]
+        self.files = [n if tar_shards.split_locator(n) else Path(n) for n in names]  # members stay text
         self.targets = np.full(len(self.files), -1, dtype=np.int64)
         self.classes = list(classes)
         self.prompts = self.default_prompts()
 
     def fingerprint(self) -> dict:
         return self.index.fingerprint()
+
+    def load(self, i: int):
+        """A file, or a member of a tar shard (read by its offset: data/shards.py)."""
+        loc = tar_shards.split_locator(os.fspath(self.files[i]))
+        if loc is None:
+            return open_rgb(self.files[i])
+        import io
+
+        return open_rgb(io.BytesIO(tar_shards.read_member(os.fspath(self.files[i]))))
 
     def slug(self) -> str:
         return f"pool-{self.index.fingerprint()['content_sha1'][:10]}"

@@ -56,14 +56,25 @@ class ImageDataset(torch.utils.data.Dataset, abc.ABC):
         """Where item i comes from, for messages about it."""
         return f"{self.name} {self.split} item {i}"
 
-    def pixels(self, decode_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
-        """All images as uint8 (N, H, W, 3). This default decodes every file once at
-        `decode_size` (default 96 px) on a few threads and keeps the array; an unreadable file
-        becomes a black image, which the embedding cache's valid mask keeps out of training."""
+    # Where the decoded pixels are kept on disk (data/pixel_store.py); None: decoded into memory.
+    store_dir: Optional[str] = None
+
+    def pixels(self, decode_size: Optional[int] = None, progress: bool = False):
+        """All images as uint8 (N, H, W, 3): an array, or rows read on demand from the pixel
+        store (`StoredPixels`, indexed like one). This default decodes every file once at
+        `decode_size` (default 96 px): into the pixel store under `store_dir` when there is one
+        (built once, shared by every run, read without holding it in memory), else into an
+        in-memory array. An unreadable file becomes a black image, which the embedding cache's
+        valid mask keeps out of training."""
         size = decode_size or DEFAULT_DECODE_SIZE
         cached = getattr(self, "_pixels", None)
         if cached is not None and cached.shape[1] == size:
             return cached
+        if self.store_dir:
+            from .pixel_store import fill_pixel_store
+
+            self._pixels = fill_pixel_store(self, self.store_dir, size, progress=progress).reader()
+            return self._pixels
         from PIL import Image
         from tqdm import tqdm
 

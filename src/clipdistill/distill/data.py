@@ -74,6 +74,50 @@ class StudentData:
         return torch.from_numpy(imgs), torch.from_numpy(labels), torch.from_numpy(emb)
 
 
+def prefetched(batches, data: "StudentData", pin: bool = False, depth: int = 3):
+    """(rows, gathered tensors) for each `Rows` of `batches`, gathered `depth` batches ahead in a
+    background thread (reading the pixel store, pinned for an asynchronous copy to the GPU)
+    while the current batch trains: the step never waits for the disk. Same order, same
+    tensors as gathering in the loop; an error in the thread is raised in the loop."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            for rows in batches:
+                if stop.is_set():
+                    return
+                got = data.gather(rows)
+                if pin:
+                    got = tuple(t.pin_memory() for t in got)
+                q.put((rows, got))
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, name="clipdistill-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
 def concat(parts: list[Rows]) -> Rows:
     return Rows(np.concatenate([p.split for p in parts]), np.concatenate([p.row for p in parts]))
 

@@ -230,16 +230,15 @@ def _auto(t: "Trainer") -> str:
 
 
 def _prepare_views(t: "Trainer", teaching: Teaching) -> None:
-    from ..core.distributed import barrier
+    from ..core.distributed import main_first
 
-    cfg = t.cfg
-    if not t.dist.is_main:
-        barrier(t.dist)  # rank 0 embeds the views; the others then find them complete
-    for s, name in enumerate(t.data.names):
-        if name not in cfg.data:
-            continue
-        n = len(t.data.images[s])
-        teaching.view_params[s] = view_parameters(n, cfg.views, t.aug, cfg.seed, s)
-        teaching.view_caches[s] = _fill_views(t, s, teaching.view_params[s])
-    if t.dist.is_main:
-        barrier(t.dist)
+    def fill() -> None:  # rank 0 embeds the views; the others then find them complete
+        cfg = t.cfg
+        for s, name in enumerate(t.data.names):
+            if name not in cfg.data:
+                continue
+            n = len(t.data.images[s])
+            teaching.view_params[s] = view_parameters(n, cfg.views, t.aug, cfg.seed, s)
+            teaching.view_caches[s] = _fill_views(t, s, teaching.view_params[s])
+
+    main_first(t.dist, fill, "embedding the teaching views")

@@ -21,14 +21,14 @@ import torch
 from ..core import atomic
 from ..core.config import config_diff, to_dict
 from ..core.device import dtype_of, resolve_device, resolve_precision
-from ..core.distributed import DistInfo, barrier, init_distributed, local_device
+from ..core.distributed import DistInfo, barrier, init_distributed, local_device, main_first
 from ..core.errors import ConfigError, NonFiniteLossError
 from ..data.pixels import normalize, to_float
 from ..teacher.outputs import prepare_teacher_outputs
 from . import checkpoint
 from .augment import AUGMENTATIONS, draw_mix, identity_views, render, sample_views
 from .config import TrainConfig
-from .data import StudentData, train_val_rows
+from .data import StudentData, prefetched, train_val_rows
 from .methods import Batch, Method, MethodContext
 from .students import create_student
 from .teaching import resolve_teaching
@@ -49,16 +49,16 @@ class Trainer:
         splits = list(dict.fromkeys(["train"] + list(cfg.data) + ["test"])) if cfg.dataset != "folder" else \
             list(dict.fromkeys(list(cfg.data) + ["test"]))
         head = cfg.head
-        # Rank 0 fills the caches first; the others wait, then find them complete.
-        if not self.dist.is_main:
-            barrier(self.dist)
-        self.outs = prepare_teacher_outputs(cfg, cfg, splits, probe=cfg.probe_config() if head != "text" else None,
-                                            teacher=teacher, progress=cfg.progress and self.dist.is_main,
-                                            probe_required=head == "linear", optional=("test",))
-        if self.dist.is_main:
-            barrier(self.dist)
+        # Rank 0 fills the caches (embeddings, then pixels) first; the others wait, then find them
+        # complete; a failure on rank 0 stops them at once with its message.
+        self.outs = main_first(self.dist, lambda: prepare_teacher_outputs(
+            cfg, cfg, splits, probe=cfg.probe_config() if head != "text" else None, teacher=teacher,
+            progress=cfg.progress and self.dist.is_main, probe_required=head == "linear", optional=("test",)),
+            "preparing the teacher's outputs")
         splits = [s for s in splits if s in self.outs.datasets]  # a pool without labelled test images
-        self.data = StudentData(self.outs, splits, cfg.student_size or None, progress=cfg.progress)
+        self.data = main_first(self.dist, lambda: StudentData(self.outs, splits, cfg.student_size or None,
+                                                              progress=cfg.progress and self.dist.is_main),
+                               "decoding the images")
         if cfg.rows:  # a curated pool: only its rows train (and hold out the rows that pick `best`)
             from ..teacher.curate import load_rows
 
@@ -180,13 +180,15 @@ class Trainer:
         return ""
 
     # ------------------------------------------------------------------ one batch
-    def forward(self, rows, generator: Optional[torch.Generator], train: bool):
+    def forward(self, rows, generator: Optional[torch.Generator], train: bool, gathered=None):
         """One batch through the student (and, teaching online, through the teacher on the
         very same augmented, mixed pixels). Validation and test see the plain images and the
-        cached teacher embeddings."""
-        imgs, labels, temb = self.data.gather(rows)
+        cached teacher embeddings. `gathered`: the rows' (uint8 images, labels, embeddings),
+        already read (and pinned) by the prefetcher; resize, augmentation and normalisation
+        happen on the device, so the host only moves uint8."""
+        imgs, labels, temb = gathered if gathered is not None else self.data.gather(rows)
         x = to_float(imgs.to(self.device, non_blocking=True))
-        temb = temb.to(self.device)
+        temb = temb.to(self.device, non_blocking=True)
         if train:
             views = self.teaching.draw(rows, generator) if self.teaching.mode == "views" else \
                 sample_views(len(x), self.aug, generator)
@@ -268,10 +270,12 @@ class Trainer:
                 bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
                            disable=not (cfg.progress and main), file=sys.stderr, dynamic_ncols=True, leave=False)
                 t0, seen, run_loss = time.time(), 0, 0.0
-                for i in bar:
-                    batch = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                    mine = batch[self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank]
-                    b = self.forward(self.train_rows.take(mine), aug_g, train=True)
+                batches = (self.train_rows.take(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                                                [self.dist.rank * per_rank:(self.dist.rank + 1) * per_rank])
+                           for i in range(self.steps_per_epoch))
+                for i, (rows, gathered) in zip(bar, prefetched(batches, self.data, pin=self.device.type == "cuda")):
+                    batch = rows  # its length is this rank's share of the step
+                    b = self.forward(rows, aug_g, train=True, gathered=gathered)
                     terms = self.method.losses(b, self.ctx)
                     loss = sum(terms.values())
                     if not torch.isfinite(loss.detach()):
@@ -286,7 +290,7 @@ class Trainer:
                     self.scaler.update()
                     self.scheduler.step()
                     self.step += 1
-                    seen += len(batch)
+                    seen += len(batch) * self.dist.world_size
                     run_loss += loss.item()
                     rate = seen / max(time.time() - t0, 1e-9)
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")

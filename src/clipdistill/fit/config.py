@@ -23,9 +23,10 @@ from ..teacher.options import TeacherOptions
 class FitConfig(TeacherOptions, CurateOptions):
     prompts: str = option("", "text file, one prompt per class (\"a photo of a forklift\"); with --eval, in the "
                               "sorted order of its test/ class folders", metavar="FILE")
-    pool: list[str] = option(default_factory=list, help="your unlabeled images: folders of any depth, comma-separated "
-                                                        "(sub-folders never mean classes; duplicates counted once, "
-                                                        "broken files skipped and listed)", metavar="DIR[,DIR]")
+    pool: list[str] = option(default_factory=list, help="your unlabeled images: folders of any depth or WebDataset tar "
+                                                        "shards ('pool-{000..099}.tar'), comma-separated (sub-folders "
+                                                        "never mean classes; duplicates counted once, broken files "
+                                                        "skipped and listed)", metavar="DIR|SHARDS[,...]")
     eval: Optional[str] = option(None, "optional labelled images to measure accuracy: a folder with test/<class>/ "
                                        "(or the test/ folder itself); never trained on", metavar="DIR")
     out: str = option("", "folder for everything this writes (model, sidecar, sheets, report); default "
@@ -58,8 +59,11 @@ class FitConfig(TeacherOptions, CurateOptions):
         read_lines(self.prompts, "--prompts")
         read_templates(self.templates)
         check(bool(self.pool), "pool", "give the folder(s) of your unlabeled images (--pool DIR)")
+        from ..data.shards import is_shard_spec
+
         for p in self.pool:
-            check(Path(p).is_dir(), "pool", f"{p} is not a folder; give a folder of images (any depth)")
+            check(Path(p).is_dir() or is_shard_spec(p), "pool",
+                  f"{p} is not a folder or tar shards; give a folder of images (any depth) or 'pool-{{000..099}}.tar'")
         if self.eval:
             e = Path(self.eval)
             check(e.is_dir(), "eval", f"{self.eval} is not a folder; give a folder with test/<class>/ inside")

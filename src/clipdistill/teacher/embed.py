@@ -50,13 +50,15 @@ def auto_workers(requested: int) -> int:
 
 
 class _Preprocessed(Dataset):
-    """Applies the teacher's preprocess; an unreadable image becomes a hole, not a crash."""
+    """Applies the teacher's preprocess to rows [start, end); an unreadable image becomes a
+    hole, not a crash."""
 
-    def __init__(self, ds, preprocess, start: int):
+    def __init__(self, ds, preprocess, start: int, end: Optional[int] = None):
         self.ds, self.preprocess, self.start = ds, preprocess, start
+        self.end = len(ds) if end is None else end
 
     def __len__(self) -> int:
-        return len(self.ds) - self.start
+        return self.end - self.start
 
     def __getitem__(self, i: int):
         idx = self.start + i
@@ -106,8 +108,6 @@ def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int =
 
 def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: bool, progress: bool
           ) -> EmbeddingCache:
-    from tqdm import tqdm
-
     cache = EmbeddingCache.open(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim,
                                 overwrite=overwrite)
     if cache.complete:
@@ -117,15 +117,29 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
     start = cache.done
     if start:
         log.info("resuming %s at %d/%d", cache.path, start, cache.count)
-    # Batches start at multiples of batch_size (resume points are commit points), so a
-    # resumed run computes exactly the batches an uninterrupted one would.
-    loader = DataLoader(_Preprocessed(ds, teacher.preprocess, start), batch_size=batch_size, shuffle=False,
+    t0 = time.time()
+    _embed_rows(teacher, ds, cache, start, cache.count, batch_size, workers, progress,
+                lambda pos, errors: cache.commit(pos, errors))
+    rate = (cache.count - start) / max(time.time() - t0, 1e-9)
+    log.info("wrote %s (%d x %d float16, %.0f img/s, skipped %d)", cache.path / "embeddings.npy", cache.count,
+             cache.dim, rate, cache.manifest["skipped"])
+    return cache
+
+
+def _embed_rows(teacher: Teacher, ds, cache: EmbeddingCache, start: int, end: int, batch_size: int, workers: int,
+                progress: bool, commit) -> None:
+    """Embed rows [start, end) of `ds` into `cache`, calling `commit(next_row, errors)` after
+    each batch is written: the whole cache's manifest, or one rank's slice record."""
+    from tqdm import tqdm
+
+    # Batches start at multiples of batch_size from `start` (resume points are commit points),
+    # so a resumed run computes exactly the batches an uninterrupted one would.
+    loader = DataLoader(_Preprocessed(ds, teacher.preprocess, start, end), batch_size=batch_size, shuffle=False,
                         num_workers=auto_workers(workers), collate_fn=_collate,
                         pin_memory=teacher.device.type == "cuda")
-    bar = tqdm(total=cache.count, initial=start, unit="img", desc=f"embed {cache.path.parent.name}/{cache.path.name}",
+    bar = tqdm(total=end, initial=start, unit="img", desc=f"embed {cache.path.parent.name}/{cache.path.name}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     pos = start
-    t0 = time.time()
     for x, ok_idx, errors in loader:
         n = len(ok_idx) + len(errors)
         rows = np.zeros((n, cache.dim), dtype=np.float16)
@@ -143,19 +157,20 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
             valid[rel] = 1
         cache.write(pos, rows, valid)
         pos += n
-        cache.commit(pos, [err for _, err in errors])
+        commit(pos, [err for _, err in errors])
         for _, err in errors:
             log.warning("skipped unreadable image %s", err)
         bar.update(n)
     bar.close()
-    rate = (pos - start) / max(time.time() - t0, 1e-9)
-    log.info("wrote %s (%d x %d float16, %.0f img/s, skipped %d)", cache.path / "embeddings.npy", cache.count,
-             cache.dim, rate, cache.manifest["skipped"])
-    return cache
 
 
 def embed(cfg: EmbedConfig, teacher: Optional[Teacher] = None) -> EmbeddingCache:
+    """Fill one split's cache; under `torchrun` every rank embeds its own slice (sharded.py)."""
     ds = cfg.open_split(cfg.split, cfg.cache_dir)  # cheap errors first
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .sharded import embed_sharded
+
+        return embed_sharded(cfg, ds, _embed_rows, teacher)
     teacher = teacher or create_teacher(cfg.teacher, cfg.pretrained, cfg.device, cfg.precision, cfg.cache_dir)
     path = cache_path(cfg.cache_dir, teacher.slug, ds.slug(), cfg.split)
     return fill_cache(teacher, ds, path, cfg.embed_batch_size, cfg.workers, cfg.overwrite, cfg.progress)
