@@ -49,14 +49,16 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--work", default="runs/bench-pixel-store")
+    ap.add_argument("--cache-dir", default=os.environ.get("CLIPDISTILL_CACHE",
+                                                          os.path.expanduser("~/.cache/clipdistill")))
     ap.add_argument("--out", default=str(Path(__file__).with_name("pixel_store")))
     args = ap.parse_args()
     from clipdistill.data.example_pool import PoolConfig, make_pool
     from clipdistill.teacher.tiny import ensure_tiny_teacher
 
     work = Path(args.work)
-    cache = work / "cache"
-    teacher = ensure_tiny_teacher(str(cache))
+    cache = Path(args.cache_dir)
+    teacher = str(ensure_tiny_teacher(str(cache)))
     rows = []
     for n, designs in ((args.small, (False, True)), (args.images, (True,))):
         ex = work / f"pool-{n}-{args.size}px"

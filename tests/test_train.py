@@ -69,10 +69,11 @@ def _timm_loads_the_student(run: Path) -> None:
 
 
 def test_unlabeled_data_with_the_linear_head_beats_labels_alone(tmp_path, cache_dir, trained_teacher_file):
+    # 3 epochs each (the demo's 5-epoch rows: 12.6% from scratch, 49.7% distilled): a wide margin either way
     scratch = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method="labels", data=["train"],
-                                               epochs=6, out=str(tmp_path / "scratch"))))
+                                               epochs=3, out=str(tmp_path / "scratch"))))
     distilled = train(TrainConfig(**train_kwargs(cache_dir, trained_teacher_file, method="kl", head="linear",
-                                                 data=["train", "unlabeled"], epochs=6,
+                                                 data=["train", "unlabeled"], epochs=3,
                                                  out=str(tmp_path / "kl"))))
     assert distilled["test_accuracy"] > scratch["test_accuracy"] + 5, (scratch, distilled)
 
@@ -92,7 +93,7 @@ def test_finished_run_is_reused_and_other_config_refused(tmp_path, cache_dir, tr
 
 
 def test_sigkill_then_resume_auto_ends_with_the_same_weights(tmp_path, cache_dir, trained_teacher_file):
-    args = ["train", "--pretrained", str(trained_teacher_file), "--cache-dir", str(cache_dir), "--max-images", "2000",
+    args = ["train", "--pretrained", str(trained_teacher_file), "--cache-dir", str(cache_dir), "--max-images", "600",
             "--student", "resnet10t", "--method", "kl", "--head", "linear", "--data", "train", "--epochs", "3",
             "--lr", "2e-3", "--no-progress", "--amp", "fp32"]
     killed = tmp_path / "killed"
