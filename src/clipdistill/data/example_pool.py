@@ -137,7 +137,7 @@ def make_pool(cfg: PoolConfig) -> dict:
             sink.write(key.replace("/", "_").replace(" ", "_"),
                        {suffix: data, "json": json.dumps({"folder": rel.rsplit("/", 1)[0]}).encode()})
 
-    for i in tqdm(range(cfg.images), desc="write pool", unit="img", leave=False):
+    for i in tqdm(range(cfg.images), desc="write pool", unit="img", leave=False, disable=None):
         folder = months[rng.integers(len(months))]
         if rng.random() < 0.2:
             folder += "/burst"  # deeper nesting, as camera bursts are kept
