@@ -150,10 +150,11 @@ def _collate(items):
     return items
 
 
-def decode_workers(requested: int = -1) -> int:
+def auto_workers(requested: int = -1) -> int:
+    """DataLoader workers for decoding: as asked, or (-1) one per spare CPU, at most 4."""
     if requested >= 0:
         return requested
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 def fill_pixel_store(ds, cache_dir: str | os.PathLike, size: int, workers: int = -1, batch: int = 256,
@@ -168,19 +169,16 @@ def fill_pixel_store(ds, cache_dir: str | os.PathLike, size: int, workers: int =
         pass
     try:
         path.mkdir(parents=True, exist_ok=True)
-        lock = exclusive(path / ".lock")
-        lock.__enter__()
+        with exclusive(path / ".lock"):
+            store = PixelStore.open_for_writing(path, owner, shape, {"dtype": "uint8", "array": ARRAY,
+                                                                     "valid": VALID})
+            if not store.complete:
+                _fill(store, ds, size, workers, batch, progress)
     except OSError as e:
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise ClipDistillError(f"the pixel store {path} must be built but cannot be written ({e.strerror}); "
                                    f"give a writable --cache-dir") from None
         raise
-    try:
-        store = PixelStore.open_for_writing(path, owner, shape, {"dtype": "uint8", "array": ARRAY, "valid": VALID})
-        if not store.complete:
-            _fill(store, ds, size, workers, batch, progress)
-    finally:
-        lock.__exit__(None, None, None)
     return store
 
 
@@ -192,7 +190,7 @@ def _fill(store: PixelStore, ds, size: int, workers: int, batch: int, progress: 
     if start:
         log.info("resuming %s at %d/%d", store.path, start, store.count)
     loader = DataLoader(_Decoded(ds, size, start), batch_size=batch, shuffle=False,
-                        num_workers=decode_workers(workers), collate_fn=_collate)
+                        num_workers=auto_workers(workers), collate_fn=_collate)
     bar = tqdm(total=store.count, initial=start, unit="img", desc=f"decode {ds.split} images at {size} px",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     pos, t0 = start, time.time()

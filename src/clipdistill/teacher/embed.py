@@ -20,6 +20,7 @@ from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
 from ..data.datasets import default_data_root
 from ..data.options import DataOptions
+from ..data.pixel_store import auto_workers
 from .cache import CacheDamagedError, EmbeddingCache, cache_path
 from .openclip_teacher import Teacher, create_teacher
 from .options import TeacherOptions
@@ -41,12 +42,6 @@ class EmbedConfig(TeacherOptions, DataOptions):
     @property
     def resolved_data_root(self) -> str:
         return self.data_root or default_data_root(self.cache_dir)
-
-
-def auto_workers(requested: int) -> int:
-    if requested >= 0:
-        return requested
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 class _Preprocessed(Dataset):
