@@ -143,6 +143,39 @@ def test_a_tar_shard_pool_is_indexed_stored_and_trained_from(tmp_path, cache_dir
     assert (cache_dir / "pixels").is_dir()  # the run read its batches from the store
 
 
+def test_the_pool_index_is_reused_without_reading_and_keeps_odd_names(tmp_path):
+    """An unchanged pool is not read again (nor its index rewritten); a non-UTF-8 file name
+    survives the index file and is read back; a changed file is hashed again."""
+    import os
+
+    from clipdistill.data.pool import PoolDataset, index_path, index_pool
+
+    root = tmp_path / "pool"
+    (root / "trip").mkdir(parents=True)
+    for value, name in ((33, b"a.png"), (90, b"caf\xe9.png"), (150, b"trip/b\xff.png")):
+        Image.fromarray(np.full((12, 12, 3), value, np.uint8)).save(
+            os.fsdecode(os.path.join(os.fsencode(root), name)), format="PNG")
+    first = index_pool([root], tmp_path / "c")
+    file = index_path(tmp_path / "c", [root])
+    stamp = file.stat().st_mtime_ns
+    # other pixels, the same number of bytes and the same mtime: a reused index keeps the old
+    # hash (nothing was read)
+    a = root / "a.png"
+    st = a.stat()
+    Image.fromarray(np.full((12, 12, 3), 7, np.uint8)).save(a)
+    assert a.stat().st_size == st.st_size
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = index_pool([root], tmp_path / "c")
+    assert again.hashes == first.hashes and file.stat().st_mtime_ns == stamp
+    ds = PoolDataset(again)
+    assert sorted(os.fsencode(f).rsplit(b"/", 1)[-1] for f in ds.files) == [b"a.png", b"b\xff.png", b"caf\xe9.png"]
+    assert sorted(int(np.asarray(ds.load(i))[0, 0, 0]) for i in range(len(ds))) == [7, 90, 150]
+    # a touched file is read again and the index rewritten
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = index_pool([root], tmp_path / "c")
+    assert third.fingerprint() != first.fingerprint() and file.stat().st_mtime_ns != stamp
+
+
 def _torchrun(*args: str) -> list[str]:
     import sys
 

@@ -22,6 +22,7 @@ keeps every cache made from it; adding, removing or editing one makes new caches
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -39,7 +40,7 @@ from .protocol import FileDataset
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 
 
 def _walk(root: Path) -> list[Path]:
@@ -61,7 +62,8 @@ def _sha1(path: Path) -> str:
 
 @dataclass
 class PoolIndex:
-    """What a pool holds: `images` (one path per distinct readable image, in a fixed order),
+    """What a pool holds: `images` (the real name of each distinct readable image, a file path
+    or a shard member's locator, in a fixed order),
     `duplicates` (path -> the image it repeats) and `broken` (path -> why it was left out)."""
 
     roots: list[str]
@@ -91,23 +93,41 @@ def index_path(cache_dir: str | os.PathLike, roots: Sequence[str | os.PathLike])
     return Path(cache_dir) / "pools" / f"{key[:16]}.json"
 
 
-def _previous(path: Optional[Path]) -> dict:
-    """The last index's entries by path, if it can be read (only a cache: anything odd is ignored)."""
+# An index row: [display path, size, mtime_ns, sha1, error or None, real name as hex or None].
+# Rows are lists, not dicts, and the file is compact JSON: a pool of 200,000 images costs tens of
+# MB to index and to reuse, not the ~3 KB an image that dicts and indented JSON took.
+PATH, SIZE, MTIME, SHA1, ERROR, NAME = range(6)
+
+
+def _row(path: str, size: int, mtime_ns: int, sha1: str, error: Optional[str], real: str | os.PathLike) -> list:
+    name = os.fsencode(real)
+    return [path, size, mtime_ns, sha1, error, None if name == path.encode("utf-8", "surrogateescape") else name.hex()]
+
+
+def _real_name(row: list) -> str:
+    return row[PATH] if row[NAME] is None else os.fsdecode(bytes.fromhex(row[NAME]))
+
+
+def _previous(path: Optional[Path]) -> tuple[dict, dict]:
+    """The last index's file rows by path and shard groups by shard, if it can be read (only a
+    cache: anything odd is ignored)."""
     if path is None or not path.is_file():
-        return {}
+        return {}, {}
     try:
         old = atomic.read_json(path)
         if old.get("format") == INDEX_FORMAT:
-            return {e["path"]: e for e in old.get("entries", []) if isinstance(e, dict) and "path" in e}
-    except (ClipDistillError, AttributeError, TypeError):
+            files = {r[PATH]: r for r in old["files"] if isinstance(r, list) and len(r) == 6}
+            shards = {k: g for k, g in old["shards"].items() if isinstance(g, dict) and isinstance(g.get("rows"), list)}
+            return files, shards
+    except (ClipDistillError, AttributeError, TypeError, KeyError, IndexError):
         pass
     log.debug("the pool index %s could not be reused; indexing again", path)
-    return {}
+    return {}, {}
 
 
 def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.PathLike] = None,
                progress: bool = False) -> PoolIndex:
-    """Index the pool's folders (reusing the cached index for unchanged files)."""
+    """Index the pool's folders and shards (reusing the cached index for unchanged files)."""
     from tqdm import tqdm
 
     specs = [os.fspath(r) for r in roots]
@@ -118,75 +138,79 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
                               f"tar shards (pool-{{000..099}}.tar)")
     shards = [s for r in specs if tar_shards.is_shard_spec(r) for s in tar_shards.expand(r)]
     cache = index_path(cache_dir, specs) if cache_dir else None
-    before = _previous(cache)
+    before_files, before_shards = _previous(cache)
     files = [p for d in dirs for p in _walk(d)]
     if not files and not shards:
         raise ConfigError(f"--pool {', '.join(map(str, dirs))}: no files in it; put your images there "
                           f"(sub-folders of any depth)")
-    entries = []
+    rows, groups, reused = [], {}, 0
     for p in tqdm(files, desc="index pool", unit="file", disable=not progress, leave=False):
-        key = display_path(p.resolve())
+        real = p.resolve()
+        key = display_path(real)
         st = p.stat()
-        old = before.get(key)
-        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
-            entries.append(old)
+        old = before_files.get(key)
+        if old and old[SIZE] == st.st_size and old[MTIME] == st.st_mtime_ns:
+            rows.append(old)
+            reused += 1
             continue
-        entry = {"path": key, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha1": _sha1(p), "error": None}
+        error = None
         try:
             open_rgb(p)
         except OSError as e:
-            entry["error"] = str(e)[:200] or type(e).__name__
-        entry["file"] = os.fsencode(p.resolve()).hex()  # the real bytes of a non-UTF-8 name
-        entries.append(entry)
+            error = str(e)[:200] or type(e).__name__
+        rows.append(_row(key, st.st_size, st.st_mtime_ns, _sha1(p), error, real))
     for shard in tqdm(shards, desc="index shards", unit="shard", disable=not progress or not shards, leave=False):
-        entries += _shard_entries(shard, before)
-    idx = PoolIndex(roots=[display_path(r) for r in specs], files=len(entries))
+        name, group, again = _shard_group(shard, before_shards)
+        groups[name] = group
+        reused += again
+    idx = PoolIndex(roots=[display_path(r) for r in specs],
+                    files=len(rows) + sum(len(g["rows"]) for g in groups.values()))
     first: dict[str, str] = {}
-    for e in entries:
-        if e["error"]:
-            idx.broken[e["path"]] = e["error"]
-        elif e["sha1"] in first:
-            idx.duplicates[e["path"]] = first[e["sha1"]]
+    for r in (r for part in (rows, *(g["rows"] for g in groups.values())) for r in part):
+        if r[ERROR]:
+            idx.broken[r[PATH]] = r[ERROR]
+        elif r[SHA1] in first:
+            idx.duplicates[r[PATH]] = first[r[SHA1]]
         else:
-            first[e["sha1"]] = e["path"]
-            idx.images.append(e["file"])
-            idx.hashes.append(e["sha1"])
-    if cache is not None:
+            first[r[SHA1]] = r[PATH]
+            idx.images.append(_real_name(r))
+            idx.hashes.append(r[SHA1])
+    unchanged = reused == idx.files == len(before_files) + sum(len(g["rows"]) for g in before_shards.values())
+    if cache is not None and not unchanged:
         try:
-            atomic.write_json(cache, {"format": INDEX_FORMAT, "roots": idx.roots, "entries": entries})
+            atomic.write_text(cache, json.dumps({"format": INDEX_FORMAT, "roots": idx.roots, "files": rows,
+                                                 "shards": groups}, separators=(",", ":")))
         except OSError as e:  # a read-only cache folder: the index is only a speed-up
             log.warning("could not save the pool index %s (%s); it is rebuilt next time", cache, e.strerror)
     log.debug("pool: %s", idx.summary())
     return idx
 
 
-def _shard_entries(shard: Path, before: dict) -> list[dict]:
-    """The index entries of one tar shard: reused when the shard is unchanged, else streamed."""
+def _shard_group(shard: Path, before: dict) -> tuple[str, dict, int]:
+    """One tar shard's rows (reused when the shard is unchanged, else streamed), as
+    (display name, {"size", "mtime_ns", "rows"}, rows reused)."""
     import io
 
     shard = shard.resolve()
     st = shard.stat()
     name = display_path(shard)
-    old = [e for e in before.values() if e.get("shard") == name]
-    if old and all(e.get("shard_size") == st.st_size and e.get("mtime_ns") == st.st_mtime_ns for e in old):
-        return old
-    out, n = [], 0
+    old = before.get(name)
+    if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
+        return name, old, len(old["rows"])
+    rows, n = [], 0
     for member, data, broke in tar_shards.stream_members(shard):
-        base = {"shard": name, "shard_size": st.st_size, "mtime_ns": st.st_mtime_ns}
         if broke is not None:  # the shard ends here: what came before it is kept
-            out.append({**base, "path": f"{name} (after member {n})", "size": 0, "sha1": "", "error": broke,
-                        "file": ""})
+            rows.append([f"{name} (after member {n})", 0, 0, "", broke, None])
             break
         n += 1
         loc = tar_shards.locator(shard, member)
-        entry = {**base, "path": display_path(loc), "size": len(data), "sha1": hashlib.sha1(data).hexdigest(),
-                 "error": None, "file": os.fsencode(loc).hex()}
+        error = None
         try:
             open_rgb(io.BytesIO(data))
         except OSError as e:
-            entry["error"] = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(e))[:200] or type(e).__name__
-        out.append(entry)
-    return out
+            error = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "it", str(e))[:200] or type(e).__name__
+        rows.append(_row(display_path(loc), len(data), 0, hashlib.sha1(data).hexdigest(), error, loc))
+    return name, {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "rows": rows}, 0
 
 
 class PoolDataset(FileDataset):
@@ -201,8 +225,7 @@ class PoolDataset(FileDataset):
                               f"can be read ({len(index.broken)} broken); put readable images there")
         self.index = index
         self.split = split
-        names = [os.fsdecode(bytes.fromhex(f)) for f in index.images]
-        self.files = [n if tar_shards.split_locator(n) else Path(n) for n in names]  # members stay text
+        self.files = [n if tar_shards.split_locator(n) else Path(n) for n in index.images]  # members stay text
         self.targets = np.full(len(self.files), -1, dtype=np.int64)
         self.classes = list(classes)
         self.prompts = self.default_prompts()
