@@ -13,16 +13,10 @@ if [[ "${1:-}" == "--dry-run" ]]; then
   echo "dry run: the NCCL torchrun smoke run needs CUDA; skipped here"
   exit 0
 fi
-timeout 200 $PY benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
+timeout 210 $PY benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
 # one-GPU NCCL smoke run of the real trainer (shapes10 is generated offline; random teacher weights)
-$PY - <<'PYEOF'
-import os, open_clip, torch
-from safetensors.torch import save_file
-from clipdistill.teacher.tiny import register_model_configs
-register_model_configs()
-m = open_clip.create_model("tiny-shapes")
-save_file({k: v.contiguous() for k, v in m.state_dict().items()}, os.environ["OUT"] + "/tiny-random.safetensors")
-PYEOF
+$PY -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+from gpu_check import tiny_random_teacher; tiny_random_teacher(Path('$OUT'))"
 timeout 90 torchrun --standalone --nproc_per_node 1 -m clipdistill train --method labels --data train \
   --epochs 1 --student resnet10t --max-images 2000 --pretrained "$OUT/tiny-random.safetensors" \
   --cache-dir "$OUT/cache" --out "$OUT/ddp-run" --no-progress --json | tail -1

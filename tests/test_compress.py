@@ -102,5 +102,6 @@ def test_gpu_check_dry_run_runs_its_cpu_parts(tmp_path):
     out = json.loads((tmp_path / "gpu_check.json").read_text())
     assert out["device"] == "CPU (dry run)"
     assert all(r["img_per_s"] > 0 for r in out["training_and_embedding"])
+    assert sum("tar-shard pool (pixel store" in r["what"] for r in out["training_and_embedding"]) == 1
     assert all(r["throughput_ratio"] > 0 for r in out["inference"])
     assert "NCCL torchrun smoke run needs CUDA; skipped here" in proc.stdout
