@@ -3,8 +3,9 @@ tar-shard pool (`make-pool --shards`), reading its batches from the pixel store,
 today's other design (every image decoded into one in-memory array) on a pool small enough
 to fit; each in a fresh process, its peak resident memory (VmHWM) and training images/s.
 
-The pool's pixel store and embedding cache are filled first (their own step, reported
-apart): the figures are the training run's. A pool of N images at S px needs N*S*S*3 bytes of
+The pool's embedding cache is filled first (its own step, "embed s"); the pixel store is
+deleted and filled again inside the measured run (decoded by DataLoader workers, written by the
+run), so that the fill's memory counts in the run's peak. A pool of N images at S px needs N*S*S*3 bytes of
 pixel store on disk (200,000 at 64 px: 2.46 GB) and N*D*2 bytes of embeddings (D = 512 for
 ViT-B-32).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,7 +55,9 @@ def main() -> None:
                                                           os.path.expanduser("~/.cache/clipdistill")))
     ap.add_argument("--out", default=str(Path(__file__).with_name("pixel_store")))
     args = ap.parse_args()
+    from clipdistill.data.datasets import create_dataset
     from clipdistill.data.example_pool import PoolConfig, make_pool
+    from clipdistill.data.pixel_store import store_path
     from clipdistill.teacher.tiny import ensure_tiny_teacher
 
     work = Path(args.work)
@@ -78,6 +82,9 @@ def main() -> None:
             prep = {**kw, "epochs": 1, "out": str(work / f"prep-{n}")}
             for k in (prep, kw):
                 subprocess.run(["rm", "-rf", k["out"]])
+            if store:
+                ds = create_dataset("folder", "unlabeled", "", pools=(spec,), cache_dir=str(cache))
+                shutil.rmtree(store_path(cache, ds.slug(), "unlabeled", args.size), ignore_errors=True)
             t0 = time.time()
             subprocess.run([sys.executable, "-m", "clipdistill", "embed", "--dataset", "folder", "--data-root",
                             kw["data_root"], "--pool", spec, "--split", "unlabeled", "--pretrained", teacher,

@@ -31,6 +31,18 @@ def _in_memory(ds, size):
     return ds.pixels(size)
 
 
+def _mapped_rss_kb(file) -> int:
+    """Resident kB of this process's mappings of `file` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = line.rstrip().endswith(str(file))
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
 def test_pixel_store_equals_decoding_in_memory_and_is_reused(photo_folder, tmp_path):
     from clipdistill.data.datasets import create_dataset
     from clipdistill.data.pixel_store import PixelStore, StoredPixels, store_path
@@ -82,6 +94,10 @@ def test_an_interrupted_fill_resumes_and_a_damaged_store_is_rebuilt(photo_folder
     with caplog.at_level("INFO", logger="clipdistill"):
         store = fill_pixel_store(ds, cache, 24, workers=0, batch=4)
     assert any("resuming" in r.getMessage() and "12/20" in r.getMessage() for r in caplog.records)
+    # the filler's written pages were handed back as it went: its store is still open for
+    # writing, yet none of the array is resident in this process (a 200,000-image fill would
+    # otherwise hold 2.5 GB)
+    assert store.arrays["pixels"].shape == (20, 24, 24, 3) and _mapped_rss_kb(path / "pixels.npy") == 0
     ref = _in_memory(create_dataset("folder", "train", str(photo_folder)), 24)
     np.testing.assert_array_equal(np.asarray(store.reader()), ref)
     # a truncated array is found on open and rebuilt by the next filler

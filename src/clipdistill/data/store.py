@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import time
 from pathlib import Path
@@ -59,6 +60,18 @@ def open_array(path: Path, dtype, shape: tuple, mode: str) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:  # a broken header, a truncated file
         raise CacheDamagedError(f"{path.name} cannot be read ({type(e).__name__}: {str(e)[:100]})") from None
     return arr
+
+
+def _release_pages(arr: np.ndarray) -> None:
+    """Unmap a flushed memmap's pages from this process (MADV_DONTNEED): the data stays in the
+    file and the page cache, but written pages no longer count in the filler's resident memory,
+    which would otherwise grow by the whole array (2.5 GB for 200,000 images at 64 px)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mm.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a platform without it: only memory is at stake
+            pass
 
 
 def _reserve(path: Path, dtype, shape: tuple) -> None:
@@ -216,6 +229,7 @@ class ArrayStore:
         """Make rows [0, done) durable, then say so: data first, manifest second."""
         for arr in self.arrays.values():
             arr.flush()
+            _release_pages(arr)
         self.manifest["skipped_items"] = (self.manifest.get("skipped_items", []) + list(skipped_items))
         self.manifest["skipped"] = len(self.manifest["skipped_items"])
         self.manifest["done"] = int(done)
