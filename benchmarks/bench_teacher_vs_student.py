@@ -34,20 +34,13 @@ def _student_run(args, work: Path) -> Path:
     metric, so a random tiny-shapes one stands in and no pre-training is needed)."""
     if args.run:
         return Path(args.run)
-    import open_clip
     import torch
-    from safetensors.torch import save_file
 
-    from clipdistill.teacher.tiny import register_model_configs
+    from clipdistill.teacher.tiny import save_random_tiny_teacher
     from clipdistill.distill.config import TrainConfig
     from clipdistill.distill.train import train
 
-    register_model_configs()
-    weights = work / "tiny-shapes-random.safetensors"
-    if not weights.exists():
-        torch.manual_seed(0)
-        save_file({k: v.contiguous() for k, v in open_clip.create_model("tiny-shapes").state_dict().items()},
-                  str(weights))
+    weights = save_random_tiny_teacher(work / "tiny-shapes-random.safetensors", seed=0)
     if args.train_threads:
         torch.set_num_threads(args.train_threads)
     run = work / f"shapes10-{args.student}-labels-{args.augment}-e{args.epochs}"

@@ -138,24 +138,6 @@ def teacher_embedding(device, n: int, study_batch: int = 1) -> list[dict]:
     return rows
 
 
-def tiny_random_teacher(folder: Path) -> Path:
-    """The tiny teacher's architecture with random weights, as a local checkpoint (nothing can
-    be downloaded on the GPU machine; the input path does not depend on the teacher's quality)."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    from clipdistill.teacher.tiny import register_model_configs
-
-    register_model_configs()
-    path = folder / "tiny-random.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        model = open_clip.create_model("tiny-shapes")
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
 def input_path(device, images: int, size: int, batch: int, student: str, work: Path) -> list[dict]:
     """A real training run fed the way large pools are: tar shards -> pixel store on disk ->
     batches gathered ahead and pinned -> device. Its caches are filled first (not timed); the
@@ -163,6 +145,7 @@ def input_path(device, images: int, size: int, batch: int, student: str, work: P
     from clipdistill.data.example_pool import PoolConfig, make_pool
     from clipdistill.distill.config import TrainConfig
     from clipdistill.distill.train import train
+    from clipdistill.teacher.tiny import save_random_tiny_teacher
 
     made = make_pool(PoolConfig(out=str(work / "pool"), images=images, size=size, duplicates=0, broken=0,
                                 test_per_class=5, shards=4))
@@ -170,7 +153,7 @@ def input_path(device, images: int, size: int, batch: int, student: str, work: P
     train(TrainConfig(dataset="folder", data_root=made["eval"], pool=[made["pool"]], prompts=made["prompts"],
                       data=["unlabeled"], head="text", method="cosine", student=student, student_size=size,
                       epochs=2, batch_size=batch, warmup_epochs=0.0, teaching="cached", pick="last",
-                      pretrained=str(tiny_random_teacher(work)), cache_dir=str(work / "cache"), out=str(out),
+                      pretrained=str(save_random_tiny_teacher(work / "tiny-random.safetensors", seed=0)), cache_dir=str(work / "cache"), out=str(out),
                       device=device.type, progress=False))
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train_loss" in line]
     return [{"what": f"student training, {student}, clipdistill train over a tar-shard pool (pixel store, "

@@ -15,8 +15,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
 fi
 timeout 210 $PY benchmarks/gpu_check.py --out "$OUT/gpu_check.json"
 # one-GPU NCCL smoke run of the real trainer (shapes10 is generated offline; random teacher weights)
-$PY -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
-from gpu_check import tiny_random_teacher; tiny_random_teacher(Path('$OUT'))"
+$PY -c "from clipdistill.teacher.tiny import save_random_tiny_teacher as s; s('$OUT/tiny-random.safetensors', seed=0)"
 timeout 90 torchrun --standalone --nproc_per_node 1 -m clipdistill train --method labels --data train \
   --epochs 1 --student resnet10t --max-images 2000 --pretrained "$OUT/tiny-random.safetensors" \
   --cache-dir "$OUT/cache" --out "$OUT/ddp-run" --no-progress --json | tail -1

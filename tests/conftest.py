@@ -43,16 +43,9 @@ def data_root(cache_dir) -> Path:
 @pytest.fixture(scope="session")
 def random_teacher_file(tmp_path_factory) -> Path:
     """A real tiny-shapes open_clip model with random weights, saved as a checkpoint file."""
-    import open_clip
-    from safetensors.torch import save_file
+    from clipdistill.teacher.tiny import save_random_tiny_teacher
 
-    from clipdistill.teacher.tiny import register_model_configs
-
-    register_model_configs()
-    path = tmp_path_factory.mktemp("weights") / "tiny-random.safetensors"
-    model = open_clip.create_model("tiny-shapes")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return save_random_tiny_teacher(tmp_path_factory.mktemp("weights") / "tiny-random.safetensors")
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True):

@@ -235,6 +235,26 @@ def tiny_teacher_path(cache_dir: str | os.PathLike, cfg: Optional[TinyTeacherCon
     return Path(cache_dir) / "teachers" / f"{TINY_NAME}-{cfg.size}px-{cfg.short_hash()}.safetensors"
 
 
+def save_random_tiny_teacher(path: str | os.PathLike, seed: Optional[int] = None) -> Path:
+    """The tiny teacher's architecture with random (seeded) weights as a local checkpoint: what
+    tests and benchmarks distil from when the teacher's quality does not matter, only its
+    shapes and compute (nothing to pre-train, nothing to download). `seed`: the same weights
+    every time (None: torch's current random state)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    register_model_configs()
+    path = Path(path)
+    if not path.exists():
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = open_clip.create_model("tiny-shapes")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
 def ensure_tiny_teacher(cache_dir: str | os.PathLike, cfg: Optional[TinyTeacherConfig] = None,
                         progress: bool = True) -> Path:
     """The cached checkpoint for `cfg`, pre-training it on the first call only.
