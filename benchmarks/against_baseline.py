@@ -10,10 +10,11 @@ caches); the test suites make their own caches as on CI. The tests are compared 
 suites (the newer one has more tests), and summed over the tests both trees have (by node id,
 from pytest's JUnit XML).
 
-    python benchmarks/against_baseline.py --baseline 53774d1 [--only demo|tests] [--head HEAD]
+    python benchmarks/against_baseline.py --baseline 53774d1 [--only demo|tests] [--head HEAD] [--repeats 3]
 
-Writes benchmarks/against_baseline.md (and .json). Takes two demos and two suites: on the
-2-core machines here about an hour and a quarter.
+Writes benchmarks/against_baseline.md (and .json). Takes 2 x --repeats demos and two suites: on
+the 2-core machines here 20-90 min for the demos (3 to 14 min each, by CPU kind) and 20-45 min
+for the suites.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +74,7 @@ def seeded_cache(work: Path, name: str, teachers: Path) -> Path:
 
 
 def run_demo(tree: Path, cache: Path, log: Path) -> dict:
+    shutil.rmtree(tree / "runs", ignore_errors=True)  # the demo skips experiments whose results it finds
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "clipdistill", "demo"], cwd=tree, env=env_for(tree, cache),
@@ -106,6 +109,8 @@ def main() -> None:
         "CLIPDISTILL_CACHE", os.path.expanduser("~/.cache/clipdistill")), "teachers"),
         help="the cached tiny teacher copied into each demo's fresh cache")
     ap.add_argument("--out", default=str(Path(__file__).with_name("against_baseline")))
+    ap.add_argument("--repeats", type=int, default=3, help="demo pairs, alternating which tree runs first")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (trees, caches, logs) to read after")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="against-baseline-"))
@@ -116,14 +121,25 @@ def main() -> None:
     print(f"baseline {trees['baseline'][1]}, head {trees['head'][1]}, in {work}", flush=True)
     rows, raw = [], {}
     if args.only in (None, "demo"):
-        got = {}
-        for role, (tree, sha) in trees.items():
-            got[role] = run_demo(tree, seeded_cache(work, role, Path(args.teachers)), work / f"demo-{role}.log")
-            print(f"demo {role} ({sha}): {got[role]['seconds']} s", flush=True)
+        # A shared 2-core machine's speed drifts by 20-30% over minutes (neighbours): one pair
+        # can say 0.77x or 1.11x for the same two trees. So: several pairs, alternating which
+        # tree goes first (B H, H B, ...), and the median of the per-pair ratios.
+        got = {"baseline": [], "head": []}
+        for r in range(args.repeats):
+            order = list(trees.items()) if r % 2 == 0 else list(reversed(list(trees.items())))
+            for role, (tree, sha) in order:
+                res = run_demo(tree, seeded_cache(work, f"{role}-{r}", Path(args.teachers)),
+                               work / f"demo-{role}-{r}.log")
+                got[role].append(res["seconds"])
+                print(f"demo {role} ({sha}) #{r + 1}: {res['seconds']} s", flush=True)
         raw["demo"] = got
-        rows.append({"what": "make demo (shapes10 study)", "baseline s": got["baseline"]["seconds"],
-                     "head s": got["head"]["seconds"],
-                     "head / baseline": round(got["head"]["seconds"] / got["baseline"]["seconds"], 3)})
+        ratios = [h / b for b, h in zip(got["baseline"], got["head"])]
+        rows.append({"what": f"make demo (shapes10 study), median of {args.repeats} pairs",
+                     "baseline s": statistics.median(got["baseline"]), "head s": statistics.median(got["head"]),
+                     "head / baseline": round(statistics.median(ratios), 3)})
+        if args.repeats > 1:
+            rows.append({"what": "make demo, per-pair ratio (min .. max)", "baseline s": "", "head s": "",
+                         "head / baseline": f"{min(ratios):.3f} .. {max(ratios):.3f}"})
     if args.only in (None, "tests"):
         got = {}
         for role, (tree, sha) in trees.items():
@@ -149,7 +165,10 @@ def main() -> None:
     Path(args.out + ".md").write_text(md + "\n")
     Path(args.out + ".json").write_text(json.dumps({"baseline": trees["baseline"][1], "head": trees["head"][1],
                                                     "rows": rows, "raw": raw}, indent=1) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
