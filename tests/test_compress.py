@@ -32,6 +32,45 @@ def test_fraction_24_counts_groups_along_input_channels():
     assert fraction_24(np.ones((4, 3, 3, 3))) is None  # 3 input channels: stays dense
 
 
+def _boundary_net():
+    """Two fake-quantized 1x1 convolutions where the first one's output lands exactly on a
+    rounding boundary of the second one's INT8 input (3.0 with a step of 2.0: 1.5 steps)."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.Conv2d(1, 1, 1, bias=False))
+    with torch.no_grad():
+        for c in net:
+            c.weight.fill_(1.0)
+    mtq.quantize(net, mtq.INT8_DEFAULT_CFG, forward_loop=lambda m: m(torch.full((1, 1, 2, 2), 127.0)))
+    net[1].input_quantizer.amax = torch.tensor(254.0)  # step 2.0
+    return net.eval()
+
+
+def test_rounding_envelope_measures_a_boundary_flip_and_parity_allows_only_that():
+    """Why compress allows Q/DQ graphs PyTorch's own spread: an activation on a rounding
+    boundary moves a whole INT8 step when a kernel sums in another order, and so does the output."""
+    import torch
+
+    from clipdistill.deploy.compress import rounding_envelope
+    from clipdistill.deploy.export import ParityError, check_parity
+
+    net = _boundary_net()
+    on, off = torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), 4.0)
+    with torch.no_grad():
+        ref_on, ref_off = net(on).numpy(), net(off).numpy()
+    assert ref_on.max() == 4.0  # 1.5 steps round (half to even) to 2 steps of 2.0
+    env = rounding_envelope(net, on, ref_on)
+    assert env == pytest.approx(2.0)  # a nudge below the boundary rounds to 1 step: one whole step less
+    assert rounding_envelope(net, off, ref_off) < 1e-4  # 2.0 steps, nowhere near a boundary: the nudge alone
+    info = check_parity(ref_on, ref_on - 2.0, 1e-2, envelope=env)
+    assert info["rounding_envelope"] == env
+    with pytest.raises(ParityError, match="own spread"):
+        check_parity(ref_on, ref_on - 2.5, 1e-2, envelope=env)  # more than one step: a wrong graph
+    with pytest.raises(ParityError):
+        check_parity(ref_on, ref_on - 2.0, 1e-2)  # without the envelope, the flip alone is refused
+
+
 @pytest.fixture(scope="module")
 def compressed(embedding_run, tmp_path_factory):
     import shutil

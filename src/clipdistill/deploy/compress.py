@@ -56,7 +56,8 @@ class CompressConfig:
     seed: int = option(0, "fine-tune seed")
     max_images: int = option(0, "quick trials: the first N images of each split (test included) instead of the run's")
     tolerance: float = option(1e-2, "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|) "
-                                    "(fake quantization rounds differently by one step here and there)")
+                                    "plus, for INT8, PyTorch's own spread when its layer outputs change by 1e-6 "
+                                    "(an activation on a rounding boundary moves a whole step)")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -129,6 +130,35 @@ def _accuracy(trainer) -> float:
     s, _, y = trainer.predict(trainer.data.rows("test"))
     keep = y >= 0
     return float((s.argmax(1)[keep] == y[keep]).float().mean() * 100) if keep.any() else float("nan")
+
+
+def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.ndarray, seeds: int = 3,
+                      rel: float = 1e-6) -> float:
+    """How far a fake-quantized network's output moves when every convolution/linear output
+    changes by up to one part in a million: what another summation order (ONNX Runtime's
+    kernels, TensorRT's) may do to it. An activation that lands on a rounding boundary moves a
+    whole INT8 step under such a change and carries it to the output: after two QAT epochs,
+    nudges of 1e-7 inside PyTorch alone moved an EfficientNet's logits by 0.306, exactly the
+    gap ONNX Runtime showed, while each quantized layer exported alone agreed to 1e-6. So a
+    Q/DQ graph that computes the same network may differ by this much; a wrong graph (a
+    train-mode BatchNorm, a missing quantizer) differs by more and on most images."""
+    ref = torch.from_numpy(reference)
+    worst = 0.0
+    for seed in range(seeds):
+        g = torch.Generator().manual_seed(seed)
+
+        def nudge(m, i, o):
+            return o * (1 + rel * (torch.rand(o.shape, generator=g) * 2 - 1))
+
+        hooks = [m.register_forward_hook(nudge) for m in module.modules()
+                 if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        try:
+            with torch.no_grad():
+                worst = max(worst, float((module(x) - ref).abs().max()))
+        finally:
+            for h in hooks:
+                h.remove()
+    return worst
 
 
 def _reset_optimizer(trainer, lr: float) -> None:
@@ -211,7 +241,8 @@ def compress(cfg: CompressConfig) -> dict:
         tmp_path = Path(tmp) / "model.onnx"
         exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, "torchscript", 17)
         sess = session(tmp_path)
-        parity = check_parity(reference, run_batches(sess, x, len(x)), cfg.tolerance, f" ({cfg.mode})")
+        envelope = rounding_envelope(loaded.module, torch.from_numpy(x), reference) if cfg.mode != "sparse24" else 0.0
+        parity = check_parity(reference, run_batches(sess, x, len(x)), cfg.tolerance, f" ({cfg.mode})", envelope)
         test = trainer.outs.datasets["test"]
         imgs = test.pixels(info["trained_size"])
         onnx_acc, _ = onnx_accuracy(sess, _student_pixels(imgs, info), np.asarray(test.targets))
