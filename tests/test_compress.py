@@ -80,7 +80,7 @@ def compressed(embedding_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("compress") / "run"
     shutil.copytree(embedding_run, run)
     return {m: compress(CompressConfig(run=str(run), mode=m, epochs=1, calib_images=128, max_images=600,
-                                       progress=False))
+                                       control=m == "qat", progress=False))
             for m in ("qat", "sparse24")}
 
 
@@ -95,10 +95,22 @@ def test_qat_exports_qdq_onnx_that_onnxruntime_runs(compressed):
     assert abs(r["onnx_accuracy"] - r["fine_tuned_accuracy"]) <= 1.0
     assert r["dense_fp32_accuracy"] > 20  # a (briefly) trained student, chance 10%...
     assert r["fine_tuned_accuracy"] > r["dense_fp32_accuracy"] - 5  # ...keeps what it learnt
+    # --control: the same fine-tune without quantization really ran, beside the run
+    ctl = Path(r["run"]) / "compress-qat-control"
+    epochs = [json.loads(line) for line in (ctl / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in line]
+    assert [e["epoch"] for e in epochs] == [1] and 0 <= r["control_fp32_accuracy"] <= 100
     sess = ort.InferenceSession(r["path"])
     meta = json.loads(sess.get_modelmeta().custom_metadata_map["clipdistill"])
     assert meta["precision"] == "int8-qdq" and "--int8" in meta["trtexec"]
     assert meta["compression"]["ptq_accuracy"] == r["ptq_accuracy"]
+
+
+def test_control_needs_a_fine_tune(embedding_run):
+    from clipdistill.core.errors import ConfigError
+    from clipdistill.deploy.compress import CompressConfig
+
+    with pytest.raises(ConfigError, match="control"):
+        CompressConfig(run=str(embedding_run), mode="ptq", control=True)
 
 
 def test_sparse24_pattern_holds_in_pytorch_and_onnx(compressed):

@@ -35,6 +35,7 @@ import torch
 from ..core import atomic
 from ..core.config import check, option
 from ..core.errors import ConfigError, MissingSplitError
+from ..distill import checkpoint
 from ..distill.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class CompressConfig:
     tolerance: float = option(1e-2, "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|) "
                                     "plus, for INT8, PyTorch's own spread when its layer outputs change by 1e-6 "
                                     "(an activation on a rounding boundary moves a whole step)")
+    control: bool = option(False, "also fine-tune an uncompressed copy the same way (epochs, lr, seed) and report "
+                                   "its accuracy: whether a change comes from the compression or from the extra epochs")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -68,6 +71,7 @@ class CompressConfig:
         check(self.calib_images >= 8, "calib_images", "must be >= 8")
         check(self.tolerance > 0, "tolerance", "must be > 0")
         check(self.max_images >= 0, "max_images", "must be >= 0 (0 = the run's)")
+        check(not (self.control and self.mode == "ptq"), "control", "ptq does not fine-tune: nothing to control for")
 
     @property
     def out_path(self) -> Path:
@@ -127,7 +131,12 @@ def _trainer(cfg: CompressConfig, fine_tune: Path):
 
 
 def _accuracy(trainer) -> float:
+    """Test accuracy, leaving the student in the mode it was in: `Trainer.predict` ends in train
+    mode, and INT8 calibration after it would see batch statistics (and move BatchNorm's running
+    ones) instead of the eval-mode activations the ranges are for."""
+    was = trainer.model.training
     s, _, y = trainer.predict(trainer.data.rows("test"))
+    trainer.model.train(was)
     keep = y >= 0
     return float((s.argmax(1)[keep] == y[keep]).float().mean() * 100) if keep.any() else float("nan")
 
@@ -170,8 +179,28 @@ def _reset_optimizer(trainer, lr: float) -> None:
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor("cosine", total, 0))
 
 
+def _load_best(trainer, state: dict) -> torch.nn.Module:
+    model = checkpoint.unwrap(trainer.model)
+    model.load_state_dict(state["model"])
+    trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
+    return model.to(memory_format=torch.contiguous_format).eval()  # Model Optimizer's sparsity refuses channels-last
+
+
+def _control(cfg: CompressConfig, run: RunDir, state: dict) -> float:
+    """The same fine-tune without compression: a student that has not converged gains from a
+    few more epochs whether or not it is quantized, so the compressed accuracy is compared with
+    this one, not only with the checkpoint's."""
+    folder = run.path / f"compress-{cfg.mode}-control"
+    shutil.rmtree(folder, ignore_errors=True)
+    trainer = _trainer(cfg, folder)
+    model = _load_best(trainer, state)
+    _reset_optimizer(trainer, cfg.lr)
+    model.train()
+    trainer.fit()
+    return _accuracy(trainer)
+
+
 def compress(cfg: CompressConfig) -> dict:
-    from ..distill import checkpoint
     from .export import (_student_pixels, _torch_to_onnx, _write, check_parity, load_student, onnx_accuracy,
                          parity_inputs)
     from .predict import run_batches, session
@@ -186,13 +215,14 @@ def compress(cfg: CompressConfig) -> dict:
         raise MissingSplitError(f"--run {cfg.run}: compress measures accuracy on labelled test images, and this "
                                 f"run has none", "test")
     state = checkpoint.load(run.best)
-    model = checkpoint.unwrap(trainer.model)
-    model.load_state_dict(state["model"])
-    trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
-    model.to(memory_format=torch.contiguous_format).eval()  # Model Optimizer's sparsity refuses channels-last
+    model = _load_best(trainer, state)
     result: dict = {"mode": cfg.mode, "run": str(run), "student": trainer.cfg.student,
                     "dense_fp32_accuracy": _accuracy(trainer)}
     log.info("%s: test accuracy %.2f%% (fp32, dense)", run, result["dense_fp32_accuracy"])
+    if cfg.control:
+        result["control_fp32_accuracy"] = _control(cfg, run, state)
+        log.info("the same %d-epoch fine-tune without compression: %.2f%%", cfg.epochs,
+                 result["control_fp32_accuracy"])
 
     if cfg.mode in ("qat", "ptq"):
         rows = trainer.train_rows.take(np.random.default_rng(cfg.seed).permutation(len(trainer.train_rows))
@@ -279,7 +309,7 @@ def run_cli(cfg: CompressConfig, args) -> int:
     if getattr(args, "json", False):
         print(json.dumps(res, default=str))
         return 0
-    keys = [k for k in ("dense_fp32_accuracy", "ptq_accuracy", "pruned_accuracy", "fine_tuned_accuracy",
+    keys = [k for k in ("dense_fp32_accuracy", "control_fp32_accuracy", "ptq_accuracy", "pruned_accuracy", "fine_tuned_accuracy",
                         "onnx_accuracy") if k in res]
     print(f"{res['path']}: " + ", ".join(f"{k.replace('_accuracy', '').replace('_', ' ')} {res[k]:.2f}%"
                                          for k in keys))
