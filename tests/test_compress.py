@@ -105,6 +105,16 @@ def test_qat_exports_qdq_onnx_that_onnxruntime_runs(compressed):
     assert meta["compression"]["ptq_accuracy"] == r["ptq_accuracy"]
 
 
+def test_a_test_accuracy_gap_beyond_rounding_is_refused():
+    from clipdistill.deploy.compress import check_test_agreement
+    from clipdistill.deploy.export import ParityError
+
+    check_test_agreement({"fine_tuned_accuracy": 60.0, "onnx_accuracy": 60.9}, 2000)
+    check_test_agreement({"ptq_accuracy": 60.0, "onnx_accuracy": 62.5}, 100)  # a small split: up to 3 images
+    with pytest.raises(ParityError, match="within 1.00 points on 2000 images"):
+        check_test_agreement({"fine_tuned_accuracy": 60.0, "onnx_accuracy": 58.5}, 2000)
+
+
 def test_control_needs_a_fine_tune(embedding_run):
     from clipdistill.core.errors import ConfigError
     from clipdistill.deploy.compress import CompressConfig

@@ -170,6 +170,21 @@ def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.nd
     return worst
 
 
+def check_test_agreement(result: dict, n_test: int) -> None:
+    """The file's test accuracy in ONNX Runtime must be PyTorch's within 1 point (or 3 images on
+    a small test split). The rounding envelope can be wide (logits moved by 2.0 of 10 on a
+    MobileNetV3), so this is the check a subtly wrong Q/DQ graph cannot pass: one-step flips move a
+    few images, a wrong graph moves many."""
+    ref = result.get("fine_tuned_accuracy", result.get("ptq_accuracy"))
+    allowed = max(1.0, 300.0 / max(1, n_test))
+    if ref is not None and not abs(result["onnx_accuracy"] - ref) <= allowed:
+        from .export import ParityError
+
+        raise ParityError(f"the ONNX file's test accuracy in ONNX Runtime ({result['onnx_accuracy']:.2f}%) is not "
+                          f"PyTorch's ({ref:.2f}%) within {allowed:.2f} points on {n_test} images; nothing was "
+                          f"written")
+
+
 def _reset_optimizer(trainer, lr: float) -> None:
     """A fresh optimizer over the (now wrapped) student, the cosine schedule over the fine-tune."""
     from ..distill.trainer import lr_factor
@@ -277,6 +292,7 @@ def compress(cfg: CompressConfig) -> dict:
         imgs = test.pixels(info["trained_size"])
         onnx_acc, _ = onnx_accuracy(sess, _student_pixels(imgs, info), np.asarray(test.targets))
         result["onnx_accuracy"] = onnx_acc
+        check_test_agreement(result, len(test.targets))
         import onnx
 
         graph = onnx.load(str(tmp_path)).graph
