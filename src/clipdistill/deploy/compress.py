@@ -132,8 +132,9 @@ def _trainer(cfg: CompressConfig, fine_tune: Path):
 
 def _accuracy(trainer) -> float:
     """Test accuracy, leaving the student in the mode it was in: `Trainer.predict` ends in train
-    mode, and INT8 calibration after it would see batch statistics (and move BatchNorm's running
-    ones) instead of the eval-mode activations the ranges are for."""
+    mode, and what follows a measurement must not depend on it having been taken (Model
+    Optimizer's calibration sets eval mode itself; a forward of our own after it would otherwise
+    use batch statistics and move BatchNorm's running ones)."""
     was = trainer.model.training
     s, _, y = trainer.predict(trainer.data.rows("test"))
     trainer.model.train(was)
@@ -325,8 +326,8 @@ def run_cli(cfg: CompressConfig, args) -> int:
     if getattr(args, "json", False):
         print(json.dumps(res, default=str))
         return 0
-    keys = [k for k in ("dense_fp32_accuracy", "control_fp32_accuracy", "ptq_accuracy", "pruned_accuracy", "fine_tuned_accuracy",
-                        "onnx_accuracy") if k in res]
+    keys = [k for k in ("dense_fp32_accuracy", "control_fp32_accuracy", "ptq_accuracy", "pruned_accuracy",
+                        "fine_tuned_accuracy", "onnx_accuracy") if k in res]
     print(f"{res['path']}: " + ", ".join(f"{k.replace('_accuracy', '').replace('_', ' ')} {res[k]:.2f}%"
                                          for k in keys))
     print(f"TensorRT: {res['trtexec']}")
