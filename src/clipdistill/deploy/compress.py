@@ -142,7 +142,7 @@ def _accuracy(trainer) -> float:
     return float((s.argmax(1)[keep] == y[keep]).float().mean() * 100) if keep.any() else float("nan")
 
 
-def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.ndarray, seeds: int = 3,
+def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.ndarray, seeds: int = 20,
                       rel: float = 1e-6) -> float:
     """How far a fake-quantized network's output moves when every convolution/linear output
     changes by up to one part in a million: what another summation order (ONNX Runtime's
@@ -151,7 +151,10 @@ def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.nd
     nudges of 1e-7 inside PyTorch alone moved an EfficientNet's logits by 0.306, exactly the
     gap ONNX Runtime showed, while each quantized layer exported alone agreed to 1e-6. So a
     Q/DQ graph that computes the same network may differ by this much; a wrong graph (a
-    train-mode BatchNorm, a missing quantizer) differs by more and on most images."""
+    train-mode BatchNorm, a missing quantizer) differs by more and on most images.
+    ONNX Runtime's summation order is one more draw of the same kind, and it can land beyond the
+    widest of a few (3 draws let a 40-epoch MobileNetV3 through at 1.2 where ONNX Runtime gave
+    1.47): so 20 draws, and the caller allows twice the widest."""
     ref = torch.from_numpy(reference)
     worst = 0.0
     for seed in range(seeds):
@@ -287,7 +290,8 @@ def compress(cfg: CompressConfig) -> dict:
         tmp_path = Path(tmp) / "model.onnx"
         exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, "torchscript", 17)
         sess = session(tmp_path)
-        envelope = rounding_envelope(loaded.module, torch.from_numpy(x), reference) if cfg.mode != "sparse24" else 0.0
+        envelope = 2 * rounding_envelope(loaded.module, torch.from_numpy(x), reference) \
+            if cfg.mode != "sparse24" else 0.0
         parity = check_parity(reference, run_batches(sess, x, len(x)), cfg.tolerance, f" ({cfg.mode})", envelope)
         test = trainer.outs.datasets["test"]
         imgs = test.pixels(info["trained_size"])
