@@ -198,6 +198,16 @@ def _reset_optimizer(trainer, lr: float) -> None:
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor("cosine", total, 0))
 
 
+def _fine_tune(trainer, model: torch.nn.Module, lr: float) -> float:
+    """`clipdistill train`'s loop over the (wrapped or plain) student, a fresh optimizer and
+    cosine schedule; returns the test accuracy, the student left in eval mode."""
+    _reset_optimizer(trainer, lr)
+    model.train()
+    trainer.fit()
+    model.eval()
+    return _accuracy(trainer)
+
+
 def _load_best(trainer, state: dict) -> torch.nn.Module:
     model = checkpoint.unwrap(trainer.model)
     model.load_state_dict(state["model"])
@@ -212,11 +222,7 @@ def _control(cfg: CompressConfig, run: RunDir, state: dict) -> float:
     folder = run.path / f"compress-{cfg.mode}-control"
     shutil.rmtree(folder, ignore_errors=True)
     trainer = _trainer(cfg, folder)
-    model = _load_best(trainer, state)
-    _reset_optimizer(trainer, cfg.lr)
-    model.train()
-    trainer.fit()
-    return _accuracy(trainer)
+    return _fine_tune(trainer, _load_best(trainer, state), cfg.lr)
 
 
 def compress(cfg: CompressConfig) -> dict:
@@ -266,11 +272,7 @@ def compress(cfg: CompressConfig) -> dict:
         log.info("2:4 after magnitude pruning: %.2f%%", result["pruned_accuracy"])
 
     if cfg.mode != "ptq":
-        _reset_optimizer(trainer, cfg.lr)
-        model.train()
-        trainer.fit()
-        model.eval()
-        result["fine_tuned_accuracy"] = _accuracy(trainer)
+        result["fine_tuned_accuracy"] = _fine_tune(trainer, model, cfg.lr)
         log.info("after %d fine-tune epochs: %.2f%%", cfg.epochs, result["fine_tuned_accuracy"])
     if cfg.mode == "sparse24":
         mts.export(model)  # masks baked into the weights: a plain module with zeros where they belong
