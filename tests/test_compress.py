@@ -95,6 +95,10 @@ def test_qat_exports_qdq_onnx_that_onnxruntime_runs(compressed):
     assert abs(r["onnx_accuracy"] - r["fine_tuned_accuracy"]) <= 1.0
     assert r["dense_fp32_accuracy"] > 20  # a (briefly) trained student, chance 10%...
     assert r["fine_tuned_accuracy"] > r["dense_fp32_accuracy"] - 5  # ...keeps what it learnt
+    # no --lr: the fine-tune runs at a third of the rate the run was trained at
+    from clipdistill.distill.rundir import RunDir
+
+    assert r["fine_tune"] == {"epochs": 1, "lr": pytest.approx(RunDir(r["run"]).read_config()["lr"] / 3)}
     # --control: the same fine-tune without quantization really ran, beside the run
     ctl = Path(r["run"]) / "compress-qat-control"
     epochs = [json.loads(line) for line in (ctl / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in line]

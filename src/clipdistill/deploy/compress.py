@@ -11,9 +11,9 @@ companion does, with NVIDIA Model Optimizer (`pip install 'clipdistill[compress]
   weights. TensorRT builds those layers with sparse tensor cores (`trtexec --sparsity=enable`);
   on a CPU, and in PyTorch for convolutions, 2:4 brings no speed: only the pattern is checked here.
 
-The fine-tune is `clipdistill train` itself (the run's config, a few epochs at a low rate, in a
-fresh folder beside the run), so teaching, augmentation and validation are the run's. The ONNX
-file comes from the fine-tuned model in the same process (Q/DQ nodes for `ptq`/`qat`: the form
+The fine-tune is `clipdistill train` itself (the run's config; 4 epochs at a third of the run's
+rate by default; in a fresh folder beside the run), so teaching, augmentation and validation are
+the run's. The ONNX file comes from the fine-tuned model in the same process (Q/DQ nodes for `ptq`/`qat`: the form
 TensorRT builds as INT8 with `--int8`), checked against PyTorch and measured on the test split
 with ONNX Runtime. A killed compress starts again from the run's `best` (it takes minutes;
 the fine-tune folder is replaced): nothing of Model Optimizer's state is pickled to disk."""
@@ -49,8 +49,10 @@ class CompressConfig:
                       metavar="DIR")
     mode: str = option("qat", "qat: INT8 fake quantization then a fine-tune; ptq: the INT8 calibration alone; "
                               "sparse24: 2:4 structured sparsity then a fine-tune", choices=list(MODES))
-    epochs: int = option(3, "fine-tune epochs (qat, sparse24)")
-    lr: float = option(1e-4, "fine-tune learning rate (Adam, cosine, no warm-up)")
+    epochs: int = option(4, "fine-tune epochs (qat, sparse24)")
+    lr: float = option(0.0, "fine-tune learning rate (Adam, cosine, no warm-up); 0 = a third of the run's own "
+                            "(on three MobileNetV3 students QAT ended 0.15 points from its uncompressed control "
+                            "at a third, 1.37 at a tenth: benchmarks/compress_students.md)")
     calib_images: int = option(512, "training images that calibrate the INT8 ranges")
     out: str = option("", "ONNX file to write; default RUN/model.MODE.onnx", metavar="FILE")
     cache_dir: str = option("", "override the run's cache folder", metavar="DIR")
@@ -67,7 +69,7 @@ class CompressConfig:
         check(bool(self.run) and Path(self.run).is_dir(), "run", "give a run folder made by `clipdistill train`")
         check(RunDir(self.run).best.is_file(), "run", f"{self.run} has no best checkpoint; train it first")
         check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(self.lr > 0, "lr", "must be > 0")
+        check(self.lr >= 0, "lr", "must be > 0, or 0 for a third of the run's learning rate")
         check(self.calib_images >= 8, "calib_images", "must be >= 8")
         check(self.tolerance > 0, "tolerance", "must be > 0")
         check(self.max_images >= 0, "max_images", "must be >= 0 (0 = the run's)")
@@ -121,13 +123,23 @@ def _trainer(cfg: CompressConfig, fine_tune: Path):
     from ..distill.trainer import Trainer
 
     saved = RunDir(cfg.run).read_config()
-    over = {"out": str(fine_tune), "epochs": cfg.epochs, "lr": cfg.lr, "warmup_epochs": 0.0, "schedule": "cosine",
-            "amp": "fp32", "channels_last": False, "resume": "auto", "progress": cfg.progress, "seed": cfg.seed}
+    over = {"out": str(fine_tune), "epochs": cfg.epochs, "lr": fine_tune_lr(cfg, saved), "warmup_epochs": 0.0,
+            "schedule": "cosine", "amp": "fp32", "channels_last": False, "resume": "auto", "progress": cfg.progress,
+            "seed": cfg.seed}
     if cfg.cache_dir:
         over["cache_dir"] = cfg.cache_dir
     if cfg.max_images:
         over["max_images"] = cfg.max_images
     return Trainer(TrainConfig(**{**saved, **over}))
+
+
+def fine_tune_lr(cfg: CompressConfig, saved: dict) -> float:
+    """--lr, or a third of the rate the run was trained at: a fine-tune rate is relative to the
+    scale the weights were trained at, and a fixed one is too low for one run and too high for
+    another. A third, not the usual tenth: three MobileNetV3-Small students (88.4% on shapes10,
+    30 epochs at 3e-3) ended their INT8 fine-tunes 0.15 points from the same fine-tune without
+    quantization at a third, 1.37 points short at a tenth (benchmarks/compress_students.md)."""
+    return cfg.lr or saved["lr"] / 3
 
 
 def _accuracy(trainer) -> float:
@@ -189,19 +201,20 @@ def check_test_agreement(result: dict, n_test: int) -> None:
                           f"written")
 
 
-def _reset_optimizer(trainer, lr: float) -> None:
+def _reset_optimizer(trainer) -> None:
     """A fresh optimizer over the (now wrapped) student, the cosine schedule over the fine-tune."""
     from ..distill.trainer import lr_factor
 
-    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=lr)
+    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=trainer.cfg.lr)
     total = trainer.steps_per_epoch * trainer.cfg.epochs
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor("cosine", total, 0))
 
 
-def _fine_tune(trainer, model: torch.nn.Module, lr: float) -> float:
+def _fine_tune(trainer, model: torch.nn.Module) -> float:
     """`clipdistill train`'s loop over the (wrapped or plain) student, a fresh optimizer and
-    cosine schedule; returns the test accuracy, the student left in eval mode."""
-    _reset_optimizer(trainer, lr)
+    cosine schedule (the fine-tune's epochs and rate are in the trainer's config); returns the
+    test accuracy, the student left in eval mode."""
+    _reset_optimizer(trainer)
     model.train()
     trainer.fit()
     model.eval()
@@ -222,7 +235,7 @@ def _control(cfg: CompressConfig, run: RunDir, state: dict) -> float:
     folder = run.path / f"compress-{cfg.mode}-control"
     shutil.rmtree(folder, ignore_errors=True)
     trainer = _trainer(cfg, folder)
-    return _fine_tune(trainer, _load_best(trainer, state), cfg.lr)
+    return _fine_tune(trainer, _load_best(trainer, state))
 
 
 def compress(cfg: CompressConfig) -> dict:
@@ -272,8 +285,10 @@ def compress(cfg: CompressConfig) -> dict:
         log.info("2:4 after magnitude pruning: %.2f%%", result["pruned_accuracy"])
 
     if cfg.mode != "ptq":
-        result["fine_tuned_accuracy"] = _fine_tune(trainer, model, cfg.lr)
-        log.info("after %d fine-tune epochs: %.2f%%", cfg.epochs, result["fine_tuned_accuracy"])
+        result["fine_tune"] = {"epochs": cfg.epochs, "lr": trainer.cfg.lr}
+        result["fine_tuned_accuracy"] = _fine_tune(trainer, model)
+        log.info("after %d fine-tune epochs at lr %g: %.2f%%", cfg.epochs, trainer.cfg.lr,
+                 result["fine_tuned_accuracy"])
     if cfg.mode == "sparse24":
         mts.export(model)  # masks baked into the weights: a plain module with zeros where they belong
         result["sparsity"] = {k: v for k, v in sparsity_24(model).items() if k != "sparse"}
