@@ -13,12 +13,16 @@ TORCH_PINS ?= torch==2.9.1 torchvision==0.24.1
 endif
 DEMO_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-long install bench clean
 demo: $(VENV)/.installed
 	$(BIN)/clipdistill demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The tests that train a student to convergence (about 15 min more on two cores; not in `make test`).
+test-long: $(VENV)/.installed
+	$(BIN)/python -m pytest -q --long -m long
 
 install: $(VENV)/.installed
 

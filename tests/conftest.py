@@ -15,6 +15,22 @@ os.environ["CLIPDISTILL_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true",
+                     help="also run the tests marked long (students trained for many minutes: make test-long)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long tests train a real student to convergence (a quarter of an hour on two cores): they
+    would double the suite, so they run on demand and say so when skipped."""
+    if config.getoption("--long"):
+        return
+    skip = pytest.mark.skip(reason="trains a student for about 15 minutes: run with --long (make test-long)")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _library_logging():
     """`cli.main` run in-process sets up the command's logging (no propagation to the root
