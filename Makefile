@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-# The tests that train a student to convergence (about 15 min more on two cores; not in `make test`).
+# The tests that train a student to convergence (about 18 min more on two cores; not in `make test`).
 test-long: $(VENV)/.installed
 	$(BIN)/python -m pytest -q --long -m long
 

@@ -1,6 +1,6 @@
 """QAT wins back what post-training INT8 loses, on a student that post-training INT8 hurts:
 MobileNetV3-Small at 64 px, trained with `clipdistill train`'s recipe to about 88% on shapes10
-(the teacher's probe: 94%), then compressed as a user would. Long (about 15 minutes on two
+(the teacher's probe: 94%), then compressed as a user would. Long (18 minutes on two
 cores): `make test-long`. benchmarks/compress_students.py measures the same over three seeds."""
 
 from __future__ import annotations
