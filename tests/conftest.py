@@ -21,11 +21,11 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Long tests train a real student to convergence (18 minutes on two cores): they
-    would double the suite, so they run on demand and say so when skipped."""
+    """Long tests train a real student to convergence (each says how long it takes): they would
+    double the suite, so they run on demand and say so when skipped."""
     if config.getoption("--long"):
         return
-    skip = pytest.mark.skip(reason="trains a student for about 18 minutes: run with --long (make test-long)")
+    skip = pytest.mark.skip(reason="trains a student to convergence: run with --long (make test-long)")
     for item in items:
         if "long" in item.keywords:
             item.add_marker(skip)

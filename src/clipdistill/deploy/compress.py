@@ -50,9 +50,8 @@ class CompressConfig:
     mode: str = option("qat", "qat: INT8 fake quantization then a fine-tune; ptq: the INT8 calibration alone; "
                               "sparse24: 2:4 structured sparsity then a fine-tune", choices=list(MODES))
     epochs: int = option(4, "fine-tune epochs (qat, sparse24)")
-    lr: float = option(0.0, "fine-tune learning rate (Adam, cosine, no warm-up); 0 = a third of the run's own "
-                            "(on three MobileNetV3 students QAT ended 0.15 points from its uncompressed control "
-                            "at a third, 1.37 at a tenth: benchmarks/compress_students.md)")
+    lr: float = option(0.0, "fine-tune learning rate (Adam, cosine, no warm-up); 0 = a third of the run's own, "
+                            "the rate measured best in benchmarks/compress_students.md")
     calib_images: int = option(512, "training images that calibrate the INT8 ranges")
     out: str = option("", "ONNX file to write; default RUN/model.MODE.onnx", metavar="FILE")
     cache_dir: str = option("", "override the run's cache folder", metavar="DIR")
