@@ -8,7 +8,7 @@ from typing import Optional
 from ..core.config import check, option
 from .datasets import DATASETS, create_dataset, default_data_root
 from .protocol import ImageDataset
-from .prompts import read_lines, read_templates
+from .prompts import read_prompt_file, read_templates
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ class DataOptions:
         check(self.image_size >= 8, "image_size", "must be >= 8 pixels")
         check(self.max_images >= 0, "max_images", "must be >= 0 (0 = all)")
         if self.prompts is not None:
-            read_lines(self.prompts, "--prompts")
+            read_prompt_file(self.prompts)
         read_templates(self.templates)
 
     def open_split(self, split: str, cache_dir: str) -> ImageDataset:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.config import check, option
-from ..data.prompts import read_lines, read_templates
+from ..data.prompts import read_prompt_file, read_templates
 from ..distill.augment import AUGMENTATIONS
 from ..distill.config import TEACHING, TrainConfig
 from ..teacher.curate import CurateOptions
@@ -56,7 +56,7 @@ class FitConfig(TeacherOptions, CurateOptions):
         self._check_teacher()
         self._check_curation()
         check(bool(self.prompts), "prompts", "give a text file with one prompt per class (--prompts classes.txt)")
-        read_lines(self.prompts, "--prompts")
+        read_prompt_file(self.prompts)
         read_templates(self.templates)
         check(bool(self.pool), "pool", "give the folder(s) of your unlabeled images (--pool DIR)")
         from ..data.shards import is_shard_spec
