@@ -29,6 +29,29 @@ def test_local_checkpoint_path_loads_the_same_weights(random_teacher_file):
     assert emb.shape == (3, teacher.embed_dim) and emb.dtype == torch.float32
 
 
+def test_the_bf16_trial_leaves_fp32_weights_exact_and_the_scale_is_the_checkpoints(random_teacher_file):
+    """`--precision auto` tries bf16 on a copy (casting the model there and back rounded every fp32
+    weight), and the logit scale is read before any cast (bf16 turned 15.45 into 15.40)."""
+    from safetensors.torch import load_file
+
+    from clipdistill.teacher.openclip_teacher import _bf16_agrees
+
+    saved = load_file(str(random_teacher_file))
+    saved["logit_scale"] = torch.tensor(2.7377)  # log(15.45): not a bf16 number
+    path = random_teacher_file.parent / "scale-15.45.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(saved, str(path))
+    fp32 = create_teacher("tiny-shapes", pretrained=str(path), device="cpu", precision="fp32")
+    assert 0.99 < _bf16_agrees(fp32.model, fp32.image_size) <= 1.0 + 1e-6
+    for k, v in fp32.model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    low = create_teacher("tiny-shapes", pretrained=str(path), device="cpu", precision="bf16")
+    assert low.model.logit_scale.dtype == torch.bfloat16
+    assert low.logit_scale == pytest.approx(float(torch.tensor(2.7377).exp()), rel=1e-6)
+    assert fp32.logit_scale == pytest.approx(low.logit_scale, rel=1e-6)
+
+
 def test_text_templates_are_averaged_like_open_clip(random_teacher_file):
     teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu", precision="fp32")
     templates = ["a photo of {}.", "a drawing of {}."]

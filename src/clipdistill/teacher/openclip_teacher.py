@@ -146,7 +146,8 @@ class Teacher:
     """An OpenCLIP model used only for inference: image and text embeddings."""
 
     def __init__(self, name: str, model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
-                 weights: ResolvedWeights, device: torch.device, dtype: torch.dtype):
+                 weights: ResolvedWeights, device: torch.device, dtype: torch.dtype,
+                 logit_scale: Optional[float] = None):
         self.name = name
         self.model = model
         self.preprocess = preprocess
@@ -154,6 +155,7 @@ class Teacher:
         self.weights = weights
         self.device = device
         self.dtype = dtype
+        self._logit_scale = logit_scale
 
     @property
     def precision(self) -> str:
@@ -183,9 +185,12 @@ class Teacher:
 
     @property
     def logit_scale(self) -> float:
-        """The scale CLIP learnt for its cosines (ViT-B-32 laion2b: 100, the clamp; tiny-shapes: 17.4)."""
-        scale = getattr(self.model, "logit_scale", None)
-        return float(scale.detach().float().exp()) if scale is not None else 100.0
+        """The scale CLIP learnt for its cosines (ViT-B-32 laion2b: 100, the clamp; tiny-shapes: about 15),
+        as the checkpoint holds it: read before the weights are cast, since a bf16 copy of log(15.45)
+        is log(15.40), and --logit-scale auto must be the teacher's own number on every machine."""
+        if self._logit_scale is not None:
+            return self._logit_scale
+        return _learnt_scale(self.model)
 
     @property
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -229,9 +234,17 @@ class Teacher:
         return torch.stack(rows).cpu()
 
 
+def _learnt_scale(model: torch.nn.Module) -> float:
+    scale = getattr(model, "logit_scale", None)
+    return float(scale.detach().float().exp()) if scale is not None else 100.0
+
+
 def _bf16_agrees(model: torch.nn.Module, size: int, n: int = 8) -> float:
     """Smallest cosine between fp32 and bf16 image embeddings of `n` rendered shapes10
-    scenes (real images, not noise, at the teacher's side and normalisation)."""
+    scenes (real images, not noise, at the teacher's side and normalisation). The bf16 side runs
+    on a copy: casting the model there and back would leave its fp32 weights rounded to bf16."""
+    import copy
+
     from ..data.pixels import normalize_uint8
     from ..data.shapes10 import SPLITS, generate
 
@@ -241,11 +254,7 @@ def _bf16_agrees(model: torch.nn.Module, size: int, n: int = 8) -> float:
     x = normalize_uint8(torch.from_numpy(generate("test", n, size, SPLITS["test"].seed)[0]), mean, std)
     with torch.inference_mode():
         ref = model.encode_image(x).float()
-        model.to(torch.bfloat16)
-        try:
-            low = model.encode_image(x.to(torch.bfloat16)).float()
-        finally:
-            model.to(torch.float32)
+        low = copy.deepcopy(model.visual).to(torch.bfloat16)(x.to(torch.bfloat16)).float()
     return float(F.cosine_similarity(ref, low, dim=-1).min())
 
 
@@ -287,7 +296,8 @@ def create_teacher(name: str = "tiny-shapes", pretrained: Optional[str] = None, 
         return cos >= BF16_MIN_COSINE
 
     dtype = dtype_of(resolve_precision(precision, dev, "teacher", verify))
+    scale = _learnt_scale(model)  # in fp32, before the cast
     # On CUDA, autocast keeps norms in fp32; elsewhere low precision means low-precision weights.
     model.to(dev, dtype=dtype if dev.type != "cuda" else torch.float32)
     tokenizer = open_clip.get_tokenizer(name)
-    return Teacher(name, model, preprocess, tokenizer, weights, dev, dtype)
+    return Teacher(name, model, preprocess, tokenizer, weights, dev, dtype, logit_scale=scale)
