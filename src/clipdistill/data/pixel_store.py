@@ -24,6 +24,7 @@ import numpy as np
 
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
+from ..core.workers import WorkerInit, auto_workers
 from .store import VALID, ArrayStore, CacheDamagedError
 
 log = logging.getLogger(__name__)
@@ -150,13 +151,6 @@ def _collate(items):
     return items
 
 
-def auto_workers(requested: int = -1) -> int:
-    """DataLoader workers for decoding: as asked, or (-1) one per spare CPU, at most 4."""
-    if requested >= 0:
-        return requested
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
-
-
 def fill_pixel_store(ds, cache_dir: str | os.PathLike, size: int, workers: int = -1, batch: int = 256,
                      progress: bool = False) -> PixelStore:
     """The complete store of `ds` at `size` px, filled (or finished) first if need be. One
@@ -190,7 +184,8 @@ def _fill(store: PixelStore, ds, size: int, workers: int, batch: int, progress: 
     if start:
         log.info("resuming %s at %d/%d", store.path, start, store.count)
     loader = DataLoader(_Decoded(ds, size, start), batch_size=batch, shuffle=False,
-                        num_workers=auto_workers(workers), collate_fn=_collate)
+                        num_workers=auto_workers(workers), collate_fn=_collate,
+                        worker_init_fn=WorkerInit())
     bar = tqdm(total=store.count, initial=start, unit="img", desc=f"decode {ds.split} images at {size} px",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     pos, t0 = start, time.time()

@@ -20,7 +20,7 @@ from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
 from ..data.datasets import default_data_root
 from ..data.options import DataOptions
-from ..data.pixel_store import auto_workers
+from ..core.workers import WorkerInit, auto_workers
 from .cache import CacheDamagedError, EmbeddingCache, cache_path
 from .openclip_teacher import Teacher, create_teacher
 from .options import TeacherOptions
@@ -130,7 +130,7 @@ def _embed_rows(teacher: Teacher, ds, cache: EmbeddingCache, start: int, end: in
     # Batches start at multiples of batch_size from `start` (resume points are commit points),
     # so a resumed run computes exactly the batches an uninterrupted one would.
     loader = DataLoader(_Preprocessed(ds, teacher.preprocess, start, end), batch_size=batch_size, shuffle=False,
-                        num_workers=auto_workers(workers), collate_fn=_collate,
+                        num_workers=auto_workers(workers), collate_fn=_collate, worker_init_fn=WorkerInit(),
                         pin_memory=teacher.device.type == "cuda")
     bar = tqdm(total=end, initial=start, unit="img", desc=f"embed {cache.path.parent.name}/{cache.path.name}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
