@@ -165,6 +165,46 @@ def test_fit_prompts_without_labels_at_all(small_pool, cache_dir, trained_teache
     assert "no labels" in q["eval_split"] and q["accuracy_drop"] == pytest.approx(100 - q["agreement_with_fp32"])
 
 
+def test_fit_prompts_after_an_edit_trains_the_new_model(small_pool, cache_dir, trained_teacher_file, tmp_path,
+                                                       capsys):
+    """The same command after editing the prompts file, then after adding photos to the pool: each
+    time the model is trained again on what the files hold now and says what changed (it shipped the
+    old model for edited prompts, and refused new photos with "use the same flags")."""
+    import shutil
+
+    from clipdistill.cli import main
+
+    pool, prompts, out = tmp_path / "pool", tmp_path / "classes.txt", tmp_path / "fit"
+    shutil.copytree(small_pool / "pool", pool)
+    shutil.copy(small_pool / "classes.txt", prompts)
+    args = ["fit-prompts", "--prompts", str(prompts), "--pool", str(pool), "--out", str(out), "--pretrained",
+            str(trained_teacher_file), "--cache-dir", str(cache_dir), "--epochs", "1", "--batch-size", "32",
+            "--no-int8", "--no-progress"]
+    assert main(args) == 0
+    first = json.loads((out / "run" / "result.json").read_text())
+    capsys.readouterr()
+
+    prompts.write_text("a round circle\na crescent\na heart\na star\n")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "--prompts: the file's lines changed since the run (removed 'a circle'; added 'a round circle')" in err
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["classes"][0] == meta["prompts"][0] == "a round circle"
+    assert (out / "previous-run" / "result.json").read_text() == json.dumps(first, indent=2, sort_keys=True) + "\n"
+
+    new = pool / "2025-01"
+    new.mkdir()
+    for i, src in enumerate(sorted((small_pool / "eval" / "test").rglob("*.png"))[:60]):
+        shutil.copy(src, new / f"new_{i}.png")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "60 images added, 0 removed" in err and "Use the same flags" not in err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["pool"]["images"] == 460 and s["curation"]["scored"] == 460
+    again = json.loads((out / "run" / "result.json").read_text())
+    assert again["inputs"]["datasets"]["unlabeled"]["n"] == 460
+
+
 def test_predict_rejects_below_the_threshold(fitted, small_pool):
     from clipdistill.deploy.predict import predict
 

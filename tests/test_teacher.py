@@ -140,3 +140,11 @@ def test_zero_shot_on_a_folder_with_only_test_images(tmp_path, cache_dir, traine
     assert res["zero_shot_accuracy"] >= 70.0, res  # chance 25%; the teacher is ~95% on shapes10
     assert res["linear_probe_accuracy"] is None and res["probe"] is None
     assert "no labelled train/ images" in run_cli(*args).stdout
+    # The same prompts in another line order are paired with the folders by name: the same accuracy,
+    # and the pairs are printed (they were paired by sorted order: 49% instead of 97% in the issue).
+    (tmp_path / "shuffled.txt").write_text("a star\na circle\na heart\na square\n")
+    proc = run_cli(*[a if a != str(tmp_path / "prompts.txt") else str(tmp_path / "shuffled.txt") for a in args],
+                   "--json")
+    again = json.loads(proc.stdout)
+    assert again["zero_shot_accuracy"] == res["zero_shot_accuracy"] and again["classes"] == res["classes"]
+    assert "circle -> 'a circle', heart -> 'a heart', square -> 'a square', star -> 'a star'" in proc.stderr

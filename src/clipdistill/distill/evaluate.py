@@ -89,6 +89,7 @@ def evaluate_trainer(trainer: Trainer, extra: dict | None = None) -> dict:
         "dataset": cfg.dataset,
         "run_dir": str(run),
         "timm_student": str(run.student),
+        "inputs": trainer.inputs,
         **(extra or {}),
     }
     if trainer.dist.is_main:

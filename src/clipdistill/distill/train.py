@@ -10,6 +10,7 @@ from typing import Optional
 from ..core.config import config_diff, to_dict
 from ..core.distributed import cleanup
 from ..core.errors import ConfigError
+from . import checkpoint, inputs
 from .config import TrainConfig
 from .evaluate import evaluate_trainer
 from .rundir import RunDir
@@ -19,13 +20,35 @@ log = logging.getLogger(__name__)
 
 
 def finished_result(cfg: TrainConfig) -> Optional[dict]:
-    """The result of a finished run of this very config in its folder, if there is one."""
+    """The result of a finished run of this very config, made from what its files hold now, in
+    its folder, if there is one."""
     run = cfg.run_dir()
     if not run.result.exists() or not run.exists():
         return None
     if config_diff(run.read_config(), to_dict(cfg)):
         return None
-    return run.read_result()
+    result = run.read_result()
+    changed = inputs.differences(result.get("inputs"), inputs.current(cfg))
+    if changed == [inputs.UNRECORDED]:
+        log.warning("warning: %s: %s; reusing it as before", run, inputs.UNRECORDED)
+    elif changed:
+        log.info("%s finished on other inputs (%s); not reusing its result", run, "; ".join(changed))
+        return None
+    return result
+
+
+def run_differences(cfg: TrainConfig) -> list[str]:
+    """Why the run in `cfg`'s folder is not a run of `cfg` on what its files hold now ([] when it
+    can be resumed or reused, or when there is none): the flags that differ, then the inputs."""
+    run = cfg.run_dir()
+    if run.last.exists():
+        state = checkpoint.load(run.last)
+        then_cfg, then_inputs = state["config"], state.get("inputs")
+    elif run.result.exists() and run.exists():
+        then_cfg, then_inputs = run.read_config(), (run.read_result() or {}).get("inputs")
+    else:
+        return []
+    return config_diff(then_cfg, to_dict(cfg)) + inputs.differences(then_inputs, inputs.current(cfg))
 
 
 def train(cfg: TrainConfig, teacher=None) -> dict:

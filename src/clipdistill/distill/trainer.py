@@ -25,7 +25,7 @@ from ..core.distributed import DistInfo, barrier, init_distributed, local_device
 from ..core.errors import ConfigError, NonFiniteLossError
 from ..data.pixels import normalize, to_float
 from ..teacher.outputs import prepare_teacher_outputs
-from . import checkpoint
+from . import checkpoint, inputs
 from .augment import AUGMENTATIONS, draw_mix, identity_views, render, sample_views
 from .config import TrainConfig
 from .data import StudentData, prefetched, train_val_rows
@@ -46,8 +46,7 @@ class Trainer:
         self.device = local_device(base, self.dist)
         self.run = cfg.run_dir()
         self.method = Method(cfg.method, cfg.loss_weights)
-        splits = list(dict.fromkeys(["train"] + list(cfg.data) + ["test"])) if cfg.dataset != "folder" else \
-            list(dict.fromkeys(list(cfg.data) + ["test"]))
+        splits = inputs.splits_of(cfg)
         head = cfg.head
         # Rank 0 fills the caches (embeddings, then pixels) first; the others wait, then find them
         # complete; a failure on rank 0 stops them at once with its message.
@@ -56,6 +55,7 @@ class Trainer:
             progress=cfg.progress and self.dist.is_main, probe_required=head == "linear", optional=("test",)),
             "preparing the teacher's outputs")
         splits = [s for s in splits if s in self.outs.datasets]  # a pool without labelled test images
+        self.inputs = inputs.recorded(cfg, self.outs.datasets)  # what this run is made from, by content
         self.data = main_first(self.dist, lambda: StudentData(self.outs, splits, cfg.student_size or None,
                                                               progress=cfg.progress and self.dist.is_main),
                                "decoding the images")
@@ -125,7 +125,7 @@ class Trainer:
                 "output": self.method.output, "num_classes": self.num_classes, "embed_dim": self.embed_dim,
                 "size": self.size, "classes": self.outs.classes, "prompts": self.outs.prompts,
                 "val_metric": self.val_metric, "teacher": self.outs.teacher.fingerprint(), "amp": self.precision,
-                "teaching": self.teaching.mode,
+                "teaching": self.teaching.mode, "inputs": self.inputs,
                 # The frozen head travels with the student, so export needs no teacher.
                 "teacher_head": {"kind": self.head_name, "state_dict": self.teacher_head.state_dict(),
                                  "logit_scale": self.logit_scale}}
@@ -147,6 +147,13 @@ class Trainer:
         if diff:
             raise ConfigError(f"--out {self.run} holds a run made with another config: " + "; ".join(diff) +
                               ". Use the same flags to resume it, or another --out for a new run.")
+        changed = inputs.differences(state.get("inputs"), self.inputs)
+        if changed == [inputs.UNRECORDED]:
+            log.warning("warning: %s: %s; resuming it as before", self.run, inputs.UNRECORDED)
+        elif changed:
+            raise ConfigError(f"--out {self.run} holds a run made from other inputs: " + "; ".join(changed) +
+                              f". Its checkpoints learnt from those; give another --out for a run on what the "
+                              f"files hold now (or delete {self.run} to train there again).")
         # `--device`, `--amp auto` and `--precision auto` resolve per machine: a run continued
         # elsewhere must still see the same teacher targets and the same student precision.
         mismatch = self.resolved_mismatch(state)

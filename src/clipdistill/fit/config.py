@@ -21,8 +21,9 @@ from ..teacher.options import TeacherOptions
 
 @dataclasses.dataclass
 class FitConfig(TeacherOptions, CurateOptions):
-    prompts: str = option("", "text file, one prompt per class (\"a photo of a forklift\"); with --eval, in the "
-                              "sorted order of its test/ class folders", metavar="FILE")
+    prompts: str = option("", "text file, one prompt per class (\"a photo of a forklift\"); with --eval, each "
+                              "test/ class folder takes the prompt that names it (folder 'forklift'), else the "
+                              "folders' sorted order", metavar="FILE")
     pool: list[str] = option(default_factory=list, help="your unlabeled images: folders of any depth or WebDataset tar "
                                                         "shards ('pool-{000..099}.tar'), comma-separated (sub-folders "
                                                         "never mean classes; duplicates counted once, broken files "

@@ -11,7 +11,13 @@ stage (and, in training, the epoch) where it stopped:
 5. assess  agreement and confusion against the teacher, disagreements, reject threshold (quality.py)
 6. export  ONNX (+ INT8) with the sidecar, checked against PyTorch (deploy/export.py)
 
-OUT/fit.json records each finished stage; OUT/REPORT.md says where everything is."""
+OUT/fit.json records each finished stage; OUT/REPORT.md says where everything is.
+
+A stage's key is what it reads, by content: the flags, the lines of the prompt and template
+files, the pool's images (their content hashes) and the --eval images. The same command after an
+edit therefore redoes what the edit touches and says what changed — an edited prompts file or
+new photos in the pool train a new model (the earlier run is kept in OUT/previous-run) instead of
+shipping the old one or refusing with advice the user cannot follow."""
 
 from __future__ import annotations
 
@@ -64,6 +70,54 @@ class Stages:
         return self.done[name]
 
 
+def _stage_key(cfg: FitConfig) -> dict:
+    """The flags that change a result, and what the named files hold (the pool and --eval enter
+    through the index and the training run, which compare their images by content)."""
+    from ..data.prompts import read_lines
+
+    key = {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "workers")}
+    key["prompt_lines"] = read_lines(cfg.prompts, "--prompts")
+    key["template_lines"] = read_lines(cfg.templates, "--templates") if cfg.templates else None
+    return key
+
+
+POOL_HASHES = "pool-images.sha1"
+
+
+def _note_pool_change(out: Path, hashes: list[str]) -> None:
+    """Say how the pool changed since the last fit in OUT (images added and removed, by content),
+    and remember this one's images for the next (20 bytes an image)."""
+    path = out / POOL_HASHES
+    now = bytes.fromhex("".join(sorted(hashes)))
+    if path.is_file():
+        before = path.read_bytes()
+        if before == now:
+            return
+        old = {before[i:i + 20] for i in range(0, len(before), 20)}
+        new = {now[i:i + 20] for i in range(0, len(now), 20)}
+        log.info("the pool changed since the last fit-prompts in %s: %d images added, %d removed (by content); what "
+                 "depends on it is done again", out, len(new - old), len(old - new))
+    atomic.write_bytes(path, now)
+
+
+def _set_aside_stale_run(tcfg, out: Path) -> None:
+    """A training run in OUT made from other inputs or flags is not this fit's: it moves to
+    OUT/previous-run (replacing an older one) and training starts again, saying why."""
+    import shutil
+
+    from ..distill.train import run_differences
+
+    why = run_differences(tcfg)
+    if not why:
+        return
+    run, previous = tcfg.run_dir().path, out / "previous-run"
+    log.warning("%s was trained on other inputs or flags (%s); training again on what they are now. The earlier run "
+                "is kept in %s until the next change.", run, "; ".join(why[:4]) + ("; ..." if len(why) > 4 else ""),
+                previous)
+    shutil.rmtree(previous, ignore_errors=True)
+    run.rename(previous)
+
+
 def _student_size(cfg: FitConfig, teacher) -> int:
     return cfg.student_size or min(int(teacher.image_size), 224)
 
@@ -82,11 +136,12 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     from ..teacher.openclip_teacher import create_teacher
     from ..teacher.outputs import prepare_teacher_outputs
 
-    stages = Stages(out, {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "workers")}, cfg.progress)
+    stages = Stages(out, _stage_key(cfg), cfg.progress)
     t_start = time.time()
 
     stages.start("index")
     idx = index_pool(cfg.pool, cfg.cache_dir, progress=cfg.progress)
+    _note_pool_change(out, idx.hashes)
     pool_counts = stages.finish("index", {**idx.counts(), "broken_files": idx.broken,
                                           "duplicate_files": idx.duplicates})
     log.info("pool: %s", idx.summary())
@@ -134,6 +189,7 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     epochs = cfg.epochs_for(len(cur.rows))
     tcfg = cfg.train_config(size, rows=str(rows_file), epochs=epochs)
     stages.start("train", f"{epochs} epochs of {len(cur.rows)} images; the time left is logged after each epoch")
+    _set_aside_stale_run(tcfg, out)
     res = train(tcfg, teacher=teacher)
     stages.finish("train", {k: res.get(k) for k in ("test_accuracy", "teacher_agreement", "teacher_test_accuracy",
                                                     "best_epoch", "teaching", "teaching_costs", "train_seconds")})
