@@ -9,6 +9,11 @@ reference by key. Reading parses a header and copies bytes; nothing is unpickled
 
     write_state(path, {"model": sd, "epoch": 3, "rng": {...}})
     state = read_state(path)      # the same structure back; StateFileError if not ours
+
+A file from elsewhere is parsed within bounds, so that reading it costs neither a crash nor
+gigabytes: its header may be at most MAX_HEADER_BYTES (safetensors itself allows 100 MB, and
+json.loads of that holds a few GB of Python objects) and its tree at most MAX_DEPTH deep
+(json.loads and `_decode` recurse, and a header nested 200,000 deep raised RecursionError).
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from .errors import ClipDistillError
 
 FORMAT = "clipdistill-state/1"
 _META_KEY = "clipdistill"
+# Ours: about 250 KB for a convnext_base student with its AdamW state, 8 levels deep at most
+# (optimizer -> state -> __items__ -> [key, value] -> exp_avg -> tensor). Both bounds are far
+# above that and far below what costs memory or the interpreter's recursion limit.
+MAX_HEADER_BYTES = 16 << 20
+MAX_DEPTH = 64
 
 
 class StateFileError(ClipDistillError):
@@ -96,13 +106,14 @@ def read_state(path: str | os.PathLike, what: str = "state file") -> dict:
 
     path = Path(path)
     try:
+        _check_header_size(path, what)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT or _META_KEY not in meta:
                 raise StateFileError(f"{path} is a safetensors file but not a clipdistill {what} (no "
                                      f"{FORMAT!r} header); it was not written by clipdistill")
+            tree = _parse_tree(meta[_META_KEY], path, what)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-            tree = json.loads(meta[_META_KEY])
     except StateFileError:
         raise
     except (SafetensorError, OSError, ValueError, KeyError) as e:
@@ -116,6 +127,43 @@ def read_state(path: str | os.PathLike, what: str = "state file") -> dict:
     except (KeyError, TypeError, AttributeError) as e:
         raise StateFileError(f"{path}: its header does not match its tensors ({type(e).__name__}: {e}); "
                              f"move it away") from None
+
+
+def _check_header_size(path: Path, what: str) -> None:
+    """Refuse a header over MAX_HEADER_BYTES from its 8-byte length prefix, before it is read.
+    A prefix longer than the file is no safetensors file at all: safetensors says so itself."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        size = os.fstat(f.fileno()).st_size
+    n = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    if MAX_HEADER_BYTES < n <= size - 8:
+        raise StateFileError(f"{path} is not a readable clipdistill {what}: its header is {n >> 20} MiB, where ours "
+                             f"are under {MAX_HEADER_BYTES >> 20} MiB (a few hundred KB for the largest students); "
+                             f"nothing in it was read or run. Move it away.")
+
+
+def _parse_tree(text: str, path: Path, what: str) -> dict:
+    """The JSON tree of a header, refused (StateFileError) when nested deeper than MAX_DEPTH or
+    not a dict: json.loads and `_decode` recurse once per level."""
+    deep = StateFileError(f"{path} is not a readable clipdistill {what}: its header is nested more than {MAX_DEPTH} "
+                          f"levels deep, where ours are under 10; nothing in it was run. Move it away.")
+    try:
+        tree = json.loads(text)
+    except RecursionError:
+        raise deep from None
+    stack = [(tree, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise deep
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1) for v in obj)
+    if not isinstance(tree, dict):
+        raise StateFileError(f"{path} is not a readable clipdistill {what}: its header holds a "
+                             f"{type(tree).__name__}, not the dict ours hold; nothing in it was run. Move it away.")
+    return tree
 
 
 def tensors_sha256(tensors: dict) -> str:

@@ -10,6 +10,10 @@ from .datasets import DATASETS, create_dataset, default_data_root
 from .protocol import ImageDataset
 from .prompts import read_prompt_file, read_templates
 
+# shapes10 renders a whole split in memory (n x size x size x 3 bytes) before caching it: its
+# 10,000 unlabeled images take 7.9 GB at 512 px. STL10 is 96 px; teachers read 224 to 512.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
+
 
 @dataclasses.dataclass
 class DataOptions:
@@ -18,7 +22,8 @@ class DataOptions:
     dataset: str = option("shapes10", "stl10, shapes10 (offline synthetic) or folder", metavar="NAME")
     data_root: Optional[str] = option(None, "dataset files (stl10: the folder holding stl10_binary/; folder: the "
                                             "image folder); default: CACHE_DIR/data", metavar="DIR")
-    image_size: int = option(32, "shapes10 only: side of the generated images in pixels (STL10 is 96)")
+    image_size: int = option(32, f"shapes10 only: side of the generated images in pixels, {MIN_IMAGE_SIZE}.."
+                                 f"{MAX_IMAGE_SIZE} (STL10 is 96)")
     max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials")
     pool: list[str] = option(default_factory=list, help="folder dataset: unlabeled pools, comma-separated: any trees of "
                                                         "images (sub-folders never mean classes) or tar shards "
@@ -34,11 +39,24 @@ class DataOptions:
     def _check_data(self) -> None:
         DATASETS.get(self.dataset)  # unknown names fail before any teacher is loaded
         check(not self.pool or self.dataset == "folder", "pool", "only applies with --dataset folder")
-        check(self.image_size >= 8, "image_size", "must be >= 8 pixels")
+        self._check_image_size()
         check(self.max_images >= 0, "max_images", "must be >= 0 (0 = all)")
         if self.prompts is not None:
             read_prompt_file(self.prompts)
         read_templates(self.templates)
+
+    def _check_image_size(self) -> None:
+        """Before anything is rendered: a split at 20000 px would need 1.2 GB an image."""
+        size, valid = self.image_size, f"must be {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE} pixels"
+        check(size >= MIN_IMAGE_SIZE, "image_size", f"{size}: {valid} (smaller, the shapes cannot be told apart)")
+        if size > MAX_IMAGE_SIZE:
+            from .shapes10 import SPLITS
+
+            n = SPLITS["unlabeled"].n
+            check(False, "image_size", f"{size}: {valid}. shapes10 renders each split whole in memory, and its "
+                                       f"{n:,} unlabeled images would take {n * size * size * 3 / 1e9:,.0f} GB at "
+                                       f"{size} px ({n * MAX_IMAGE_SIZE ** 2 * 3 / 1e9:.1f} GB at {MAX_IMAGE_SIZE}); "
+                                       f"teachers resize to their own side (224 to 512) anyway")
 
     def open_split(self, split: str, cache_dir: str) -> ImageDataset:
         """One split of the configured dataset. A folder dataset given only --pool has no

@@ -1,7 +1,13 @@
 """Contact sheets: a grid of images with a caption under each, as one PNG.
 
 What the teacher kept for a class, what sits at the threshold, where the student and the
-teacher disagree: people judge these faster by looking than by reading scores. Pillow only."""
+teacher disagree: people judge these faster by looking than by reading scores. Pillow only.
+
+One sheet file per class and kind, named after the class (`sheet_stems`): a name is kept to
+letters, digits, `-` and `_`, so two classes can come out the same (`a cat` / `a_cat`, `c++` /
+`c--`, names past 60 characters, `Cat` / `cat` on a case-insensitive disk, emoji), and a class
+called `none` would be the sheet of the images matching no prompt. Such a name gets its class
+number after a `.`, which no cleaned name contains: sheets never overwrite each other."""
 
 from __future__ import annotations
 
@@ -13,6 +19,25 @@ from typing import Sequence
 import numpy as np
 
 from ..core import atomic
+
+
+def _clean(name: str, limit: int = 60) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:limit]
+
+
+def sheet_stems(names: Sequence[str], reserved: Sequence[str] = ("none",)) -> list[str]:
+    """A file-name stem per class, unique even on a case-insensitive disk, never one of
+    `reserved`, and stable: the class's cleaned name, or that plus `.N` (its 1-based number)
+    when the cleaned name is empty, reserved or taken by an earlier class."""
+    taken = {r.casefold() for r in reserved}
+    stems = []
+    for i, name in enumerate(names, 1):
+        stem = _clean(name)
+        if not stem or stem.casefold() in taken:
+            stem = f"{stem}.{i}"
+        taken.add(stem.casefold())
+        stems.append(stem)
+    return stems
 
 
 def contact_sheet(images: Sequence, captions: Sequence[str], path: str | os.PathLike, title: str = "",

@@ -221,8 +221,7 @@ def _fine_tune(trainer, model: torch.nn.Module) -> float:
 
 
 def _load_best(trainer, state: dict) -> torch.nn.Module:
-    model = checkpoint.unwrap(trainer.model)
-    model.load_state_dict(state["model"])
+    model = checkpoint.load_model(trainer.model, state, trainer.run.best)
     trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
     return model.to(memory_format=torch.contiguous_format).eval()  # Model Optimizer's sparsity refuses channels-last
 

@@ -4,7 +4,12 @@
 optimiser, scheduler, scaler, every RNG, counters, config); `best` the weights and metadata
 of the epoch picked on validation. Both are one safetensors file each (tensors) with the
 rest as JSON in its header (core/state.py): a checkpoint from someone else can be loaded
-without running their code."""
+without running their code.
+
+Loading one into a model goes through `load_model`: a checkpoint of another student, or of
+the same student with another number of classes (the prompts changed since), is one line that
+names the file, the first tensor that does not fit, both shapes and the likely cause, where
+torch's `load_state_dict` prints every mismatching tensor under a traceback."""
 
 from __future__ import annotations
 
@@ -15,7 +20,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..core.state import read_state, write_state
+from ..core.errors import ClipDistillError
+from ..core.state import StateFileError, read_state, write_state
+
+
+class CheckpointMismatchError(ClipDistillError):
+    """A readable checkpoint whose weights do not fit the model being built."""
 
 
 def rng_state() -> dict:
@@ -59,3 +69,49 @@ def load(path: str | Path) -> Optional[dict]:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def _shape(t) -> str:
+    return "x".join(str(d) for d in t.shape) or "scalar"
+
+
+def _arch(model: torch.nn.Module) -> str:
+    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+
+
+def _cause(model: torch.nn.Module, state: dict, name: str) -> str:
+    """Why a tensor would not fit: another architecture, or another width of the output layer."""
+    file_arch = (state.get("config") or {}).get("student")
+    now_arch = _arch(model)
+    if file_arch and file_arch != now_arch:
+        return (f"the file holds a {file_arch} and this is a {now_arch}: a checkpoint of a run with another "
+                f"--student")
+    head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "fc"
+    if name.startswith(head + "."):
+        return ("the output layer differs: a run with another number of classes (the prompts or class folders "
+                "changed since it was trained) or another output (embedding students have the teacher's width)")
+    return "the same architecture built differently: another timm version, or a damaged file"
+
+
+def load_model(model: torch.nn.Module, state: dict, path: str | Path) -> torch.nn.Module:
+    """Load checkpoint `state`'s weights (`state["model"]`, read from `path`) into `model`
+    (unwrapped from DDP), or raise CheckpointMismatchError naming the first tensor that does not
+    fit, both shapes and the likely cause. Returns the unwrapped model."""
+    target = unwrap(model)
+    weights = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise StateFileError(f"{path} holds no model weights; move it away")
+    own = target.state_dict()
+    fix = "Is it from another run? Put the run's own checkpoint back or train it again."
+    for name, t in weights.items():
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise CheckpointMismatchError(f"{path}: its {name} is {_shape(t)} where this {_arch(target)} has "
+                                          f"{_shape(own[name])}; {_cause(target, state, name)}. {fix}")
+    extra = [k for k in weights if k not in own]
+    missing = [k for k in own if k not in weights]
+    if extra or missing:
+        first = f"its {extra[0]} is unknown to" if extra else f"it lacks {missing[0]} of"
+        raise CheckpointMismatchError(f"{path}: {first} this {_arch(target)} ({len(extra)} tensors unknown, "
+                                      f"{len(missing)} missing); {_cause(target, state, (extra or missing)[0])}. {fix}")
+    target.load_state_dict(weights)
+    return target

@@ -46,7 +46,7 @@ def evaluate_trainer(trainer: Trainer, extra: dict | None = None) -> dict:
     if "teacher" in mismatch:  # agreement and embedding heads must be the teacher the student learnt from
         raise ConfigError(f"--run {run} was trained with {mismatch}; evaluate it with the run's "
                           f"--device/--cache-dir (or none of those overrides)")
-    checkpoint.unwrap(trainer.model).load_state_dict(state["model"])
+    checkpoint.load_model(trainer.model, state, run.best)
     # The head the student was trained and picked with, exactly as `export` folds it in.
     trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
     # Without labelled test images (a pool alone), the held-out pool rows that picked `best`

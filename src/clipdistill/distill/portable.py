@@ -25,12 +25,14 @@ import tempfile
 from pathlib import Path
 
 from ..teacher.heads import head_spec
+from .checkpoint import load_model
 from .rundir import RunDir
 from .students import create_student
 
 
 def write_timm_student(run: RunDir, state: dict) -> Path:
-    """Write RUN/student/ from the best checkpoint's `state`."""
+    """Write RUN/student/ from the best checkpoint's `state` (CheckpointMismatchError naming
+    RUN's best checkpoint when its weights do not fit the student its config describes)."""
     from safetensors.torch import save_file
     from timm.models import save_for_hf
 
@@ -38,7 +40,7 @@ def write_timm_student(run: RunDir, state: dict) -> Path:
     out_dim = int(state["num_classes"] if state["output"] == "logits" else state["embed_dim"])
     # A fresh copy: the trained one may be channels-last (safetensors wants contiguous tensors)
     model = create_student(cfg["student"], out_dim)
-    model.load_state_dict(state["model"])
+    load_model(model, state, run.best)
     size, mean, std = int(state["size"]), float(cfg["student_mean"]), float(cfg["student_std"])
     info = {"method": state["method"], "output": state["output"], "teacher": state["teacher"],
             "dataset": cfg.get("dataset"), "classes": list(state["classes"]), "prompts": list(state["prompts"]),

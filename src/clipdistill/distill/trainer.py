@@ -160,7 +160,7 @@ class Trainer:
         if mismatch:
             raise ConfigError(f"--out {self.run} was trained with {mismatch}. Resume it with --device and "
                               f"--amp/--precision set to what the run used, or start a new run in another --out.")
-        checkpoint.unwrap(self.model).load_state_dict(state["model"])
+        checkpoint.load_model(self.model, state, self.run.last)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():

@@ -227,7 +227,7 @@ def _assess(tcfg, teacher, out: Path) -> dict:
 
     trainer = Trainer(tcfg, teacher=teacher)
     state = checkpoint.load(trainer.run.best)
-    checkpoint.unwrap(trainer.model).load_state_dict(state["model"])
+    checkpoint.load_model(trainer.model, state, trainer.run.best)
     s, t, _ = trainer.predict(trainer.val_rows)
     k = trainer.data.names.index("unlabeled")
     rows = trainer.val_rows.row

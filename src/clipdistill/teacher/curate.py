@@ -25,6 +25,7 @@ from ..core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+NONE_SHEET = "none"  # sheets/none-top.png: the images matching no prompt; no class's sheet takes its name
 
 
 @dataclasses.dataclass
@@ -130,8 +131,10 @@ def load_rows(path: str | Path, dataset_fingerprint: Optional[dict] = None) -> n
 def write_sheets(cur: Curation, dataset, out_dir: str | Path, n: int = 24) -> list[Path]:
     """Per class, two sheets: the teacher's most confident kept images (`CLASS-top.png`) and
     the least confident ones still kept, at the threshold (`CLASS-edge.png`); plus the most
-    confident of those matching no prompt (`none-top.png`): where the threshold may be wrong."""
-    from ..data.sheets import contact_sheet
+    confident of those matching no prompt (`none-top.png`): where the threshold may be wrong.
+    CLASS is the class's name made safe for a file, numbered where two would be the same or one
+    would be `none` (data/sheets.py `sheet_stems`); each sheet's title says its class in full."""
+    from ..data.sheets import contact_sheet, sheet_stems
 
     out = Path(out_dir)
     paths = []
@@ -143,10 +146,9 @@ def write_sheets(cur: Curation, dataset, out_dir: str | Path, n: int = 24) -> li
         sim = f" s{cur.similarity[i]:.2f}" if cur.similarity is not None else ""
         return (f"{cur.classes[cur.assigned[i]][:6]} " if name else "") + f"p{cur.score[i]:.2f}{sim}"
 
-    for k, c in enumerate(cur.classes):
+    for k, (c, safe) in enumerate(zip(cur.classes, sheet_stems(cur.classes, reserved=[NONE_SHEET]))):
         idx = np.flatnonzero((cur.assigned == k) & cur.matched)
         order = idx[np.argsort(-cur.score[idx], kind="stable")]
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in c)[:60]
         for tag, pick in (("top", order[:n]), ("edge", order[::-1][:n][::-1])):
             paths.append(contact_sheet(load(cur.candidates[pick]), [cap(i) for i in pick],
                                        out / f"{safe}-{tag}.png",
@@ -156,6 +158,6 @@ def write_sheets(cur: Curation, dataset, out_dir: str | Path, n: int = 24) -> li
     order = none[np.argsort(-cur.score[none], kind="stable")][:n]
     paths.append(contact_sheet(load(cur.candidates[order]),
                                [cap(i, name=True) for i in order],
-                               out / "none-top.png",
+                               out / f"{NONE_SHEET}-top.png",
                                title=f"matching no prompt: {len(none)} ({cur.options['negatives']}); the closest calls"))
     return paths

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 # `--precision auto` keeps bf16 on a CPU only if the embeddings stay this close to fp32's.
 BF16_MIN_COSINE = 0.999
 
+# The largest input side a teacher may have. open_clip's own models read 224 to 512 px; one
+# image at 12000 px is 1.7 GB of float32 before the model runs, --embed-batch-size of them at
+# once, and the precision trial renders its scenes at that side too: refused from the model
+# config, before anything is built.
+MAX_IMAGE_SIZE = 1024
+
 # Usual weights per model when --pretrained is not given (the study's teacher first).
 DEFAULT_TAGS = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-B-16": "laion2b_s34b_b88k", "ViT-L-14": "laion2b_s32b_b82k"}
 
@@ -258,6 +264,25 @@ def _bf16_agrees(model: torch.nn.Module, size: int, n: int = 8) -> float:
     return float(F.cosine_similarity(ref, low, dim=-1).min())
 
 
+def check_image_size(name: str, size) -> None:
+    """ConfigError when a teacher's input side (an int or a (h, w) pair) is over MAX_IMAGE_SIZE."""
+    side = max(size) if isinstance(size, (tuple, list)) else size
+    if not isinstance(side, int) or not 1 <= side <= MAX_IMAGE_SIZE:
+        gb = side * side * 3 * 4 / 1e9 if isinstance(side, int) else float("nan")
+        raise ConfigError(f"--teacher {name}: its model config says image_size {size!r}; a teacher's input side must "
+                          f"be 1..{MAX_IMAGE_SIZE} px (open_clip's own models read 224 to 512): one image at {side} px "
+                          f"is {gb:,.1f} GB of float32 before the model runs. Fix image_size in that model config.")
+
+
+def _config_image_size(name: str):
+    """The image side a registered open_clip model config says, None for a name it does not know
+    (asked only of registered names: for an `hf-hub:` name open_clip would go to the network)."""
+    import open_clip
+
+    cfg = (open_clip.get_model_config(name) if name in open_clip.list_models() else None) or {}
+    return (cfg.get("vision_cfg") or {}).get("image_size")
+
+
 def _load(name: str, weights: ResolvedWeights):
     """open_clip's model and preprocess; any failure to load the weights is one message."""
     import open_clip
@@ -282,12 +307,16 @@ def create_teacher(name: str = "tiny-shapes", pretrained: Optional[str] = None, 
     from .tiny import register_model_configs
 
     register_model_configs()
+    configured = _config_image_size(name)
+    if configured is not None:  # before the weights are even resolved: nothing big is built
+        check_image_size(name, configured)
     cache_dir = cache_dir or default_cache_dir()
     dev = resolve_device(device)
     weights = resolve_weights(name, pretrained, cache_dir)
     model, preprocess = _load(name, weights)
     model.eval()
     size = model.visual.image_size
+    check_image_size(name, size)  # what the built model says, should its config have said nothing
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def verify(candidate: str) -> bool:

@@ -77,6 +77,11 @@ class TinyTeacherConfig:
         for name in ("size", "steps", "batch_size", "n_captions", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"tiny teacher {name}={getattr(self, name)}: must be positive")
+        from .openclip_teacher import MAX_IMAGE_SIZE
+
+        if self.size > MAX_IMAGE_SIZE:  # before 20,000 captioned scenes are rendered at that side
+            raise ConfigError(f"tiny teacher size={self.size}: at most {MAX_IMAGE_SIZE} px (its scenes are rendered "
+                              f"in memory at that side; 32 is the default)")
         if self.batch_size > self.n_captions:
             raise ConfigError(f"tiny teacher batch_size={self.batch_size} > n_captions={self.n_captions}")
 
