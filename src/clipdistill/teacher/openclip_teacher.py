@@ -22,17 +22,12 @@ from ..core.device import dtype_of, precision_of, resolve_device, resolve_precis
 from ..core.errors import ConfigError, MissingResourceError
 from ..core.network import reachable
 from ..core.registry import Registry
+from .options import MAX_IMAGE_SIZE
 
 log = logging.getLogger(__name__)
 
 # `--precision auto` keeps bf16 on a CPU only if the embeddings stay this close to fp32's.
 BF16_MIN_COSINE = 0.999
-
-# The largest input side a teacher may have. open_clip's own models read 224 to 512 px; one
-# image at 12000 px is 1.7 GB of float32 before the model runs, --embed-batch-size of them at
-# once, and the precision trial renders its scenes at that side too: refused from the model
-# config, before anything is built.
-MAX_IMAGE_SIZE = 1024
 
 # Usual weights per model when --pretrained is not given (the study's teacher first).
 DEFAULT_TAGS = {"ViT-B-32": "laion2b_s34b_b79k", "ViT-B-16": "laion2b_s34b_b88k", "ViT-L-14": "laion2b_s32b_b82k"}

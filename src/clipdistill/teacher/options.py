@@ -7,6 +7,12 @@ from typing import Optional
 
 from ..core.config import check, default_cache_dir, option
 
+# The largest input side a teacher may have. open_clip's own models read 224 to 512 px; one
+# image at 12000 px is 1.7 GB of float32 before the model runs, --embed-batch-size of them at
+# once, and the precision trial renders its scenes at that side too: refused from the model
+# config, before anything is built.
+MAX_IMAGE_SIZE = 1024
+
 
 @dataclasses.dataclass
 class TeacherOptions:

@@ -77,7 +77,7 @@ class TinyTeacherConfig:
         for name in ("size", "steps", "batch_size", "n_captions", "threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"tiny teacher {name}={getattr(self, name)}: must be positive")
-        from .openclip_teacher import MAX_IMAGE_SIZE
+        from .options import MAX_IMAGE_SIZE
 
         if self.size > MAX_IMAGE_SIZE:  # before 20,000 captioned scenes are rendered at that side
             raise ConfigError(f"tiny teacher size={self.size}: at most {MAX_IMAGE_SIZE} px (its scenes are rendered "
