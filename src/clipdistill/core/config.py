@@ -47,7 +47,8 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--flag` per field of the dataclass `cls`, with its help, default and type.
-    List fields take comma-separated values and may be repeated (`--model a --model b`)."""
+    List fields take comma-separated values and may be repeated (`--model a --model b`); a comma
+    inside one value is written `\\,` (`--pool 'trips\\, 2024'`), as every list flag's help says."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name.startswith("_"):
@@ -69,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = _list_parser(item)
             kwargs["action"] = "extend"
             kwargs.setdefault("metavar", "A,B,...")
+            kwargs["help"] += LIST_HELP
         else:
             kwargs["type"] = _scalar_parser(tp)
             if meta.get("choices"):
@@ -88,11 +90,33 @@ def _scalar_parser(tp: Any):
     return str
 
 
+LIST_HELP = "; several: repeat the flag or separate by commas; a comma inside one value: \\,"
+
+
+def split_list(text: str) -> list[str]:
+    """`a,b` -> [a, b]; `a\\,b` -> [`a,b`] (a path may hold a comma); items stripped, empty
+    ones dropped."""
+    parts, cur, i = [], [], 0
+    while i < len(text):
+        if text.startswith("\\,", i):
+            cur.append(",")
+            i += 2
+            continue
+        if text[i] == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    parts.append("".join(cur))
+    return [t.strip() for t in parts if t.strip()]
+
+
 def _list_parser(item: Any):
     scalar = _scalar_parser(item)
 
     def parse(text: str):
-        return [scalar(t.strip()) for t in text.split(",") if t.strip()]
+        return [scalar(t) for t in split_list(text)]
     parse.__name__ = "list"
     return parse
 

@@ -13,7 +13,11 @@ so `fit-prompts --prompts DIR/classes.txt --pool DIR/pool --eval DIR/eval` is th
 on a machine with no network. Most of the pool matches no prompt, as in real photo folders.
 With `--shards N` the same pool is written as WebDataset tar shards instead,
 DIR/shards/pool-{000..N-1}.tar (each image a sample `KEY.png` + `KEY.json` with its month; the
-copies and broken files are members too), the form web-scale pools come in."""
+copies and broken files are members too), the form web-scale pools come in.
+
+One make-pool per folder at a time: it holds DIR/.lock (core/locks.py) while it writes, and a
+second one on the same DIR is refused at once, naming the folder (two used to exit 0 with their
+files mixed)."""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 
 from ..core import atomic
 from ..core.config import check, option
+from ..core.locks import exclusive
 from . import shapes10
 
 log = logging.getLogger(__name__)
@@ -114,10 +119,17 @@ class _ShardSink:
 def make_pool(cfg: PoolConfig) -> dict:
     """Write the example (replacing an earlier one in the same folder) and say what is where.
     The truth about every pool file (its class) goes to DIR/truth.json, for diagnostics only:
-    nothing in fit-prompts reads it."""
+    nothing in fit-prompts reads it. Refused (LockedError) while another make-pool writes DIR."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".lock", wait=False,
+                   busy_message=f"another make-pool is writing {out}; wait for it to finish, or give another --out"):
+        return _make_pool(cfg, out)
+
+
+def _make_pool(cfg: PoolConfig, out: Path) -> dict:
     from tqdm import tqdm
 
-    out = Path(cfg.out)
     for sub in ("pool", "eval", "shards"):
         shutil.rmtree(out / sub, ignore_errors=True)
     rng = np.random.default_rng([cfg.seed, POOL_SEED])

@@ -4,18 +4,72 @@ Pillow's `convert("RGB")` is right for 8-bit images but not for the others: a 16
 (mode I;16) comes out almost white and a float TIFF (mode F) black, because the values are
 clipped instead of scaled. Here they are scaled to 0-255 first. EXIF orientation is applied,
 as a photo viewer shows it. Only Pillow and numpy are needed: `predict` runs on devices
-without torch."""
+without torch.
+
+A file is read first, whole but never past `MAX_FILE_BYTES`, then decoded from memory. That
+keeps two failures apart which callers treat differently: `UnreadableImage` says the *bytes*
+are not an image (final: the same bytes fail again), any other OSError says the *reading*
+failed (a vanished file, no permission, an I/O error: worth trying again later). It also means
+a FIFO or a device named `.png` is refused at once instead of read for ever."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import stat
 import warnings
 
 import numpy as np
 
+# The largest file read as one image: Pillow refuses to decode more than 2 x MAX_IMAGE_PIXELS
+# (2 x 89,478,485) pixels, which as uncompressed 8-bit RGB is 512 MiB. A larger file cannot be
+# an image we would decode, so it is refused before any of it is read (a tar member of 2 GB
+# once cost 4.7 GB of memory to index).
+MAX_FILE_BYTES = 512 << 20
+
 
 class UnreadableImage(OSError):
-    """The file is not an image Pillow can decode (or is too large to decode safely)."""
+    """The bytes are not an image Pillow can decode (or are too large to decode safely)."""
+
+
+def is_final(error: BaseException) -> bool:
+    """Whether a failure to load an image is the bytes' own (the same bytes would fail again):
+    True for UnreadableImage; False for a failed read, which a later run tries again."""
+    return isinstance(error, UnreadableImage)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def not_regular(mode: int) -> str:
+    """Why a file of this st_mode is never read as an image ('' for a regular file)."""
+    return "" if stat.S_ISREG(mode) else f"not a regular file ({_kind(mode)}); not read"
+
+
+def read_bytes(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. A larger file or one that is not a
+    regular file: UnreadableImage, with nothing read. Opened without blocking, so a FIFO is
+    refused instead of waited on; a failed open or read raises its own OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnreadableImage(not_regular(st.st_mode))
+        if st.st_size > limit:
+            raise UnreadableImage(f"{st.st_size} bytes, over the {limit}-byte limit for one image file; not read")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UnreadableImage(f"over the {limit}-byte limit for one image file (it grew while read)")
+    return data
+
+
+_BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 def _scaled_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
@@ -46,11 +100,14 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def open_rgb(path: str | os.PathLike):
-    """The file decoded now as an 8-bit RGB PIL image; UnreadableImage (naming the file)
-    when it cannot be: not an image, truncated, or over Pillow's decompression-bomb limit."""
+def open_rgb(path: str | os.PathLike | io.BytesIO):
+    """The file (or bytes in memory) decoded now as an 8-bit RGB PIL image. UnreadableImage
+    when the bytes cannot be: not an image, truncated, over MAX_FILE_BYTES or over Pillow's
+    decompression-bomb limit; the OSError of the read when the file cannot be read."""
     from PIL import Image, ImageOps
 
+    if not isinstance(path, io.BytesIO):
+        path = io.BytesIO(read_bytes(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -66,7 +123,7 @@ def open_rgb(path: str | os.PathLike):
     except (OSError, ValueError, SyntaxError, MemoryError) as e:  # PIL's ways of saying "not an image I can read"
         if isinstance(e, UnreadableImage):
             raise
-        raise UnreadableImage(f"{type(e).__name__}: {e}") from None
+        raise UnreadableImage(_BYTESIO.sub("it", f"{type(e).__name__}: {e}")) from None
 
 
 def display_path(path: str | os.PathLike) -> str:

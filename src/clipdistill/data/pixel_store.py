@@ -7,7 +7,8 @@ once per (images, side) under the cache folder and shared by every run that read
 read their batches with `pread` (`StoredPixels`), not through a memory map, so the pages they
 touched stay in the kernel's page cache and not in the run's resident memory: a run's footprint
 no longer grows with the number of images. Files are decoded in parallel by DataLoader workers
-while the store is filled."""
+while the store is filled. An image whose reading failed (not its bytes: see data/store.py) is
+a RETRY row, decoded again by the next filler."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import numpy as np
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
 from ..core.workers import WorkerInit, auto_workers
-from .store import VALID, ArrayStore, CacheDamagedError
+from .images import is_final
+from .store import KEPT, RETRY, SKIPPED, VALID, ArrayStore, CacheDamagedError, warn_skipped
 
 log = logging.getLogger(__name__)
 
@@ -126,25 +128,40 @@ class StoredPixels:
 
 
 class _Decoded:
-    """Image i decoded and resized to `size`, or the reason it could not be (a hole, not a crash)."""
+    """Image rows[i] decoded and resized to `size`, or why it could not be (a hole, not a crash):
+    (pixels, row, None) or (None, row, (message, again))."""
 
-    def __init__(self, ds, size: int, start: int):
-        self.ds, self.size, self.start = ds, size, start
+    def __init__(self, ds, size: int, rows):
+        self.ds, self.size, self.rows = ds, size, rows
 
     def __len__(self) -> int:
-        return len(self.ds) - self.start
+        return len(self.rows)
 
     def __getitem__(self, i: int):
         from PIL import Image
 
-        idx = self.start + i
+        idx = int(self.rows[i])
         try:
             im = self.ds.load(idx)
             if im.size != (self.size, self.size):
                 im = im.resize((self.size, self.size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8), idx, None
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and reported
-            return None, idx, f"{self.ds.describe(idx)}: {type(e).__name__}: {e}"
+            return None, idx, (f"{self.ds.describe(idx)}: {type(e).__name__}: {e}", not is_final(e))
+
+
+def _outcome(items, size: int):
+    """A batch of _Decoded items as (rows, pixels, valid, skipped items for `commit`)."""
+    pixels = np.zeros((len(items), size, size, 3), dtype=np.uint8)
+    valid = np.full(len(items), KEPT, dtype=np.uint8)
+    errors = []
+    for k, (im, idx, err) in enumerate(items):
+        if err is None:
+            pixels[k] = im
+        else:
+            valid[k] = RETRY if err[1] else SKIPPED
+            errors.append((idx, *err))
+    return np.array([idx for _, idx, _ in items], dtype=np.int64), pixels, valid, errors
 
 
 def _collate(items):
@@ -157,8 +174,11 @@ def fill_pixel_store(ds, cache_dir: str | os.PathLike, size: int, workers: int =
     filler at a time per store (a file lock): the others wait, then find it complete."""
     path = store_path(cache_dir, ds.slug(), ds.split, size)
     owner, shape = {"dataset": ds.fingerprint(), "resize": RESIZE}, {"count": len(ds), "size": int(size)}
+    ready = None
     try:
-        return PixelStore.load_complete(path, owner, shape)
+        ready = PixelStore.load_complete(path, owner, shape)
+        if not len(ready.retry_rows()):
+            return ready
     except (MissingResourceError, CacheDamagedError):
         pass
     try:
@@ -166,10 +186,17 @@ def fill_pixel_store(ds, cache_dir: str | os.PathLike, size: int, workers: int =
         with exclusive(path / ".lock"):
             store = PixelStore.open_for_writing(path, owner, shape, {"dtype": "uint8", "array": ARRAY,
                                                                      "valid": VALID})
+            again = store.start_retry()  # rows an earlier filler could not read: before this one's own
             if not store.complete:
                 _fill(store, ds, size, workers, batch, progress)
+            if len(again):
+                _retry(store, ds, size, again, workers, batch)
     except OSError as e:
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            if ready is not None:  # complete, only some reads to try again: it serves as it is
+                log.warning("%d images of the pixel store %s could not be read before and are not tried again: it "
+                            "cannot be written (%s)", len(ready.retry_rows()), path, e.strerror)
+                return ready
             raise ClipDistillError(f"the pixel store {path} must be built but cannot be written ({e.strerror}); "
                                    f"give a writable --cache-dir") from None
         raise
@@ -183,28 +210,34 @@ def _fill(store: PixelStore, ds, size: int, workers: int, batch: int, progress: 
     start = store.done
     if start:
         log.info("resuming %s at %d/%d", store.path, start, store.count)
-    loader = DataLoader(_Decoded(ds, size, start), batch_size=batch, shuffle=False,
+    loader = DataLoader(_Decoded(ds, size, range(start, store.count)), batch_size=batch, shuffle=False,
                         num_workers=auto_workers(workers), collate_fn=_collate,
                         worker_init_fn=WorkerInit())
     bar = tqdm(total=store.count, initial=start, unit="img", desc=f"decode {ds.split} images at {size} px",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     pos, t0 = start, time.time()
     for items in loader:
-        n = len(items)
-        rows = np.zeros((n, size, size, 3), dtype=np.uint8)
-        valid = np.zeros(n, dtype=np.uint8)
-        errors = []
-        for im, idx, err in items:
-            if err is None:
-                rows[idx - pos], valid[idx - pos] = im, 1
-            else:
-                errors.append(err)
-        store.write_rows(pos, valid, pixels=rows)
-        pos += n
+        _, pixels, valid, errors = _outcome(items, size)
+        store.write_rows(pos, valid, pixels=pixels)
+        pos += len(items)
         store.commit(pos, errors)
-        for err in errors:
-            log.warning("skipped unreadable image %s", err)
-        bar.update(n)
+        warn_skipped(log, errors)
+        bar.update(len(items))
     bar.close()
     log.info("wrote %s (%d images at %d px, %.0f img/s, skipped %d)", store.path / ARRAY, store.count, size,
              (pos - start) / max(time.time() - t0, 1e-9), store.manifest["skipped"])
+
+
+def _retry(store: PixelStore, ds, size: int, rows: np.ndarray, workers: int, batch: int) -> None:
+    """Decode again the rows whose reading failed in an earlier fill."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Decoded(ds, size, rows), batch_size=batch, shuffle=False,
+                        num_workers=auto_workers(workers), collate_fn=_collate, worker_init_fn=WorkerInit())
+    for items in loader:
+        idx, pixels, valid, errors = _outcome(items, size)
+        store.write_scattered(idx, valid, pixels=pixels)
+        store.commit(store.done, errors, settled=idx)
+        warn_skipped(log, errors)
+    log.info("tried %d images of %s again whose reading had failed: %d read now", len(rows), store.path,
+             len(rows) - len(store.retry_rows()))

@@ -4,8 +4,12 @@ The design behind the embedding cache (teacher outputs) and the pixel store (dec
 resized images): each array has one row per image of the split, filled in order; the
 manifest records who made it (the `owner`: dataset and teacher fingerprints, pixel side)
 and how far it got (`done`), so a killed filler resumes where it stopped and arrays made
-from other data are refused instead of silently mixed in. `valid` marks rows whose image
-could not be read (0): readers skip them.
+from other data are refused instead of silently mixed in. `valid` says what became of each
+row's image: KEPT (1), SKIPPED (0: its bytes are not an image that decodes; final, listed in
+`skipped_items`) or RETRY (2: the *reading* failed — a vanished file, no permission, an I/O
+error, a shard the reader could not open — listed in `retry_items` by row). Readers use KEPT
+rows only; the next filler tries RETRY rows again, so a failure that depends on the reader,
+not on the content the store is keyed by, is never remembered as final.
 
 Nothing on disk is trusted blindly: opening checks the manifest against the arrays (file
 sizes, shapes, dtypes, `done <= count`, `complete` only when every row is done) plus each
@@ -33,10 +37,20 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 VALID = "valid.npy"
+SKIPPED, KEPT, RETRY = 0, 1, 2  # the values of valid.npy
 
 
 class CacheDamagedError(ClipDistillError):
     """A store's files disagree with its manifest, or its rows fail their check."""
+
+
+def warn_skipped(logger: logging.Logger, errors) -> None:
+    """Say what became of each image that could not be stored: (row, message, again)."""
+    for _, message, again in errors:
+        if again:
+            logger.warning("could not read %s; it is tried again next time", message)
+        else:
+            logger.warning("skipped unreadable image %s", message)
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -97,7 +111,7 @@ class ArrayStore:
     kind = "array store"             # "the {kind} {path} ..."
     owner_words = "other data"       # "... was made by {owner_words}"
     fill_command = "the command that made it"   # "run {fill_command} first / again to finish it"
-    rebuild_command = "that command with --overwrite"
+    rebuild_command = "delete that folder (it is only a cache: the next command makes it again)"
 
     def __init__(self, path: Path, manifest: dict, mode: str):
         self.path = Path(path)
@@ -152,7 +166,7 @@ class ArrayStore:
         if problems:
             raise CacheMismatchError(
                 f"the {cls.kind} {path} was made by {cls.owner_words}: {'; '.join(problems)}. "
-                f"Refusing to mix them. Rebuild it with --overwrite, or use another --cache-dir.")
+                f"Refusing to mix them: {cls.rebuild_command}, or use another --cache-dir.")
 
     @classmethod
     def open_for_writing(cls, path: str | Path, owner: dict, shape: dict, extra: Optional[dict] = None,
@@ -173,7 +187,7 @@ class ArrayStore:
     def _create(cls, path: Path, owner: dict, shape: dict, extra: dict):
         path.mkdir(parents=True, exist_ok=True)
         manifest = {"format": cls.FORMAT, **owner, **shape, **extra, "done": 0, "complete": shape["count"] == 0,
-                    "skipped": 0, "skipped_items": [], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "skipped": 0, "skipped_items": [], "retry_items": {}, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         layout = cls.layout(manifest)
         for name in [MANIFEST] + [f for f, _, _ in layout.values()]:
             (path / name).unlink(missing_ok=True)
@@ -215,7 +229,27 @@ class ArrayStore:
         return int(self.manifest["count"])
 
     def valid_indices(self) -> np.ndarray:
-        return np.flatnonzero(np.asarray(self.valid[: self.done]) == 1)
+        return np.flatnonzero(np.asarray(self.valid[: self.done]) == KEPT)
+
+    def retry_rows(self) -> np.ndarray:
+        """Done rows whose reading failed: a filler tries them again. A store written before
+        failures were told apart (no `retry_items` in its manifest) tries every skipped row
+        once, which sorts them."""
+        want = RETRY if "retry_items" in self.manifest else SKIPPED
+        return np.flatnonzero(np.asarray(self.valid[: self.done]) == want)
+
+    def start_retry(self) -> np.ndarray:
+        """The rows to try again, for a filler holding the store's lock. An older store's skipped
+        rows are first marked RETRY (their messages cannot be told apart), so that a retry cut
+        short by a kill goes on next time instead of leaving rows skipped without a word."""
+        if "retry_items" not in self.manifest:
+            rows = self.retry_rows()
+            self.valid[rows] = RETRY
+            self.manifest["skipped_items"] = []
+            self.manifest["retry_items"] = {}
+            self.commit(self.done, [(r, "skipped by an earlier version of clipdistill; tried again", True)
+                                    for r in rows])
+        return self.retry_rows()
 
     # ------------------------------------------------------------------ writing
     def write_rows(self, start: int, valid: np.ndarray, **rows: np.ndarray) -> None:
@@ -225,13 +259,38 @@ class ArrayStore:
             arr[start:end] = value.astype(arr.dtype, copy=False)
         self.valid[start:end] = valid.astype(np.uint8)
 
-    def commit(self, done: int, skipped_items: list[str] = ()) -> None:
-        """Make rows [0, done) durable, then say so: data first, manifest second."""
+    def write_scattered(self, rows: np.ndarray, valid: np.ndarray, **values: np.ndarray) -> None:
+        """Rewrite some done rows (those tried again), anywhere in the arrays."""
+        rows = np.asarray(rows, dtype=np.int64)
+        for name, value in values.items():
+            arr = self.arrays[name]
+            arr[rows] = value.astype(arr.dtype, copy=False)
+        self.valid[rows] = valid.astype(np.uint8)
+
+    def commit(self, done: int, skipped_items=(), settled=()) -> None:
+        """Make rows [0, done) durable, then say so: data first, manifest second.
+
+        `skipped_items`: what failed in these rows, each `(row, message, again)` (`again`: the
+        reading failed, tried again later) or, from older callers, a final message. `settled`:
+        rows tried again, whose earlier retry entries are dropped first."""
         for arr in self.arrays.values():
             arr.flush()
             _release_pages(arr)
-        self.manifest["skipped_items"] = (self.manifest.get("skipped_items", []) + list(skipped_items))
-        self.manifest["skipped"] = len(self.manifest["skipped_items"])
+        skipped = list(self.manifest.get("skipped_items", []))
+        settled = {int(r) for r in settled}
+        retry = {k: v for k, v in self.manifest.get("retry_items", {}).items() if int(k) not in settled}
+        for item in skipped_items:
+            if isinstance(item, str):
+                skipped.append(item)
+                continue
+            row, message, again = item
+            if again:
+                retry[str(int(row))] = message
+            else:
+                skipped.append(message)
+        self.manifest["skipped_items"] = skipped
+        self.manifest["retry_items"] = dict(sorted(retry.items(), key=lambda kv: int(kv[0])))
+        self.manifest["skipped"] = len(skipped) + len(retry)
         self.manifest["done"] = int(done)
         self.manifest["complete"] = done >= self.count
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")

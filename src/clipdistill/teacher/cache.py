@@ -10,7 +10,10 @@ teacher or preprocess is refused instead of silently mixed in.
 Nothing on disk is trusted blindly: opening checks the manifest against the arrays (file
 sizes, shapes, dtypes, `done <= count`, `complete` only when every row is done) and that the
 finished rows are finite. A writer rebuilds a damaged cache (it is only a cache) and says
-so; a reader refuses it with the command that rebuilds it."""
+so; a reader refuses it with the command that rebuilds it.
+
+A row whose image could not be *read* (not decoded: data/store.py's RETRY) does not make the
+cache less complete for training, which uses kept rows only; the next `embed` tries it again."""
 
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ class EmbeddingCache(ArrayStore):
     kind = "embedding cache"
     owner_words = "another teacher or dataset"
     fill_command = "`clipdistill embed` for that split"
-    rebuild_command = "`clipdistill embed --overwrite`"
+    rebuild_command = ("delete that folder (it is only a cache: the next command that needs it embeds the split "
+                       "again; `clipdistill embed --overwrite` with the same teacher and data does it at once)")
 
     @classmethod
     def layout(cls, manifest: dict) -> dict:
@@ -100,7 +104,7 @@ class EmbeddedDataset:
     def __init__(self, dataset, cache: "EmbeddingCache"):
         if len(dataset) != cache.count:
             raise CacheMismatchError(f"{cache.path} holds {cache.count} rows but the dataset has {len(dataset)}; "
-                                     f"rebuild it with --overwrite")
+                                     f"{cache.rebuild_command}")
         self.dataset, self.cache = dataset, cache
         self.index = cache.valid_indices()
 

@@ -1,4 +1,10 @@
-"""`clipdistill embed`: fill the embedding cache of one (teacher, dataset, split)."""
+"""`clipdistill embed`: fill the embedding cache of one (teacher, dataset, split).
+
+An image that cannot be embedded is a hole in the cache, not a crash. Why it failed decides
+what becomes of the hole (data/store.py): bytes that do not decode are skipped for good; a
+failed *read* (a vanished file, no permission, an I/O error) is a RETRY row, embedded again by
+the next filler, since the cache is keyed by content and would otherwise say "complete" for
+ever after the file is back."""
 
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ from ..core.config import check, option
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
 from ..data.datasets import default_data_root
+from ..data.images import is_final
 from ..data.options import DataOptions
+from ..data.store import KEPT, RETRY, SKIPPED, warn_skipped
 from ..core.workers import WorkerInit, auto_workers
 from .cache import CacheDamagedError, EmbeddingCache, cache_path
 from .openclip_teacher import Teacher, create_teacher
@@ -45,28 +53,45 @@ class EmbedConfig(TeacherOptions, DataOptions):
 
 
 class _Preprocessed(Dataset):
-    """Applies the teacher's preprocess to rows [start, end); an unreadable image becomes a
-    hole, not a crash."""
+    """Applies the teacher's preprocess to the given rows; an unreadable image becomes a hole,
+    not a crash: (tensor, row, None) or (None, row, (message, again))."""
 
-    def __init__(self, ds, preprocess, start: int, end: Optional[int] = None):
-        self.ds, self.preprocess, self.start = ds, preprocess, start
-        self.end = len(ds) if end is None else end
+    def __init__(self, ds, preprocess, rows):
+        self.ds, self.preprocess, self.rows = ds, preprocess, rows
 
     def __len__(self) -> int:
-        return self.end - self.start
+        return len(self.rows)
 
     def __getitem__(self, i: int):
-        idx = self.start + i
+        idx = int(self.rows[i])
         try:
             return self.preprocess(self.ds.load(idx)), idx, None
         except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and reported
-            return None, idx, f"{self.ds.describe(idx)}: {type(e).__name__}: {e}"
+            return None, idx, (f"{self.ds.describe(idx)}: {type(e).__name__}: {e}", not is_final(e))
 
 
 def _collate(items):
     ok = [x for x in items if x[0] is not None]
     x = torch.stack([t for t, _, _ in ok]) if ok else None
-    return x, [i for _, i, _ in ok], [(i, err) for _, i, err in items if err is not None]
+    return x, [i for _, i, _ in ok], [(i, *err) for _, i, err in items if err is not None]
+
+
+def _encode(teacher: Teacher, ds, x, ok_idx: list, where: str) -> np.ndarray:
+    """The batch's embeddings, refused whole when any is not finite."""
+    emb = teacher.encode_images(x).cpu().numpy()
+    bad = ~np.isfinite(emb.astype(np.float16)).all(axis=1)
+    if bad.any():
+        raise ClipDistillError(
+            f"the teacher gave non-finite embeddings (NaN/inf) for {int(bad.sum())} of the images at {where} "
+            f"(first: {ds.describe(ok_idx[int(np.flatnonzero(bad)[0])])}) in {teacher.precision}; nothing of that "
+            f"batch was kept. Try --precision fp32.")
+    return emb
+
+
+def _loader(teacher: Teacher, ds, rows, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(_Preprocessed(ds, teacher.preprocess, rows), batch_size=batch_size, shuffle=False,
+                      num_workers=auto_workers(workers), collate_fn=_collate, worker_init_fn=WorkerInit(),
+                      pin_memory=teacher.device.type == "cuda")
 
 
 def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int = -1, overwrite: bool = False,
@@ -81,12 +106,14 @@ def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int =
     import contextlib
 
     path = Path(path)
+    ready = None
     if not overwrite:
         try:
-            cache = EmbeddingCache.load(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim)
-            log.info("embeddings already complete: %s (%d x %d, skipped %d)", cache.path, cache.count, cache.dim,
-                     cache.manifest["skipped"])
-            return cache
+            ready = EmbeddingCache.load(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim)
+            if not len(ready.retry_rows()):
+                log.info("embeddings already complete: %s (%d x %d, skipped %d)", ready.path, ready.count, ready.dim,
+                         ready.manifest["skipped"])
+                return ready
         except (MissingResourceError, CacheDamagedError):
             pass  # missing, unfinished or damaged: (re)filled below, under the lock
     with contextlib.ExitStack() as stack:
@@ -95,6 +122,10 @@ def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int =
             stack.enter_context(exclusive(path / ".lock"))
         except OSError as e:
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                if ready is not None:  # complete but for reads to try again: it serves as it is
+                    log.warning("%d images of the embedding cache %s could not be read before and are not tried "
+                                "again: it cannot be written (%s)", len(ready.retry_rows()), path, e.strerror)
+                    return ready
                 raise ClipDistillError(f"the embedding cache {path} must be (re)built but cannot be written "
                                        f"({e.strerror}); give a writable --cache-dir") from None
             raise
@@ -105,7 +136,10 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
           ) -> EmbeddingCache:
     cache = EmbeddingCache.open(path, teacher.fingerprint(), ds.fingerprint(), len(ds), teacher.embed_dim,
                                 overwrite=overwrite)
+    again = cache.start_retry()  # rows an earlier filler could not read: tried after this one's own
     if cache.complete:
+        if len(again):
+            _retry(teacher, ds, cache, again, batch_size, workers)
         log.info("embeddings already complete: %s (%d x %d, skipped %d)", cache.path, cache.count, cache.dim,
                  cache.manifest["skipped"])
         return cache
@@ -115,6 +149,8 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
     t0 = time.time()
     _embed_rows(teacher, ds, cache, start, cache.count, batch_size, workers, progress,
                 lambda pos, errors: cache.commit(pos, errors))
+    if len(again):
+        _retry(teacher, ds, cache, again, batch_size, workers)
     rate = (cache.count - start) / max(time.time() - t0, 1e-9)
     log.info("wrote %s (%d x %d float16, %.0f img/s, skipped %d)", cache.path / "embeddings.npy", cache.count,
              cache.dim, rate, cache.manifest["skipped"])
@@ -124,14 +160,13 @@ def _fill(teacher: Teacher, ds, path, batch_size: int, workers: int, overwrite: 
 def _embed_rows(teacher: Teacher, ds, cache: EmbeddingCache, start: int, end: int, batch_size: int, workers: int,
                 progress: bool, commit) -> None:
     """Embed rows [start, end) of `ds` into `cache`, calling `commit(next_row, errors)` after
-    each batch is written: the whole cache's manifest, or one rank's slice record."""
+    each batch is written: the whole cache's manifest, or one rank's slice record. `errors` are
+    (row, message, again) for the rows that could not be embedded."""
     from tqdm import tqdm
 
     # Batches start at multiples of batch_size from `start` (resume points are commit points),
     # so a resumed run computes exactly the batches an uninterrupted one would.
-    loader = DataLoader(_Preprocessed(ds, teacher.preprocess, start, end), batch_size=batch_size, shuffle=False,
-                        num_workers=auto_workers(workers), collate_fn=_collate, worker_init_fn=WorkerInit(),
-                        pin_memory=teacher.device.type == "cuda")
+    loader = _loader(teacher, ds, range(start, end), batch_size, workers)
     bar = tqdm(total=end, initial=start, unit="img", desc=f"embed {cache.path.parent.name}/{cache.path.name}",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     pos = start
@@ -139,24 +174,33 @@ def _embed_rows(teacher: Teacher, ds, cache: EmbeddingCache, start: int, end: in
         n = len(ok_idx) + len(errors)
         rows = np.zeros((n, cache.dim), dtype=np.float16)
         valid = np.zeros(n, dtype=np.uint8)
+        for i, _, again in errors:
+            valid[i - pos] = RETRY if again else SKIPPED
         if x is not None:
-            emb = teacher.encode_images(x).cpu().numpy()
-            bad = ~np.isfinite(emb.astype(np.float16)).all(axis=1)
-            if bad.any():
-                raise ClipDistillError(
-                    f"the teacher gave non-finite embeddings (NaN/inf) for {int(bad.sum())} of the images at rows "
-                    f"{pos}-{pos + n - 1} of {cache.path} (first: {ds.describe(ok_idx[int(np.flatnonzero(bad)[0])])}) "
-                    f"in {teacher.precision}; nothing of that batch was kept. Try --precision fp32.")
             rel = np.asarray(ok_idx) - pos
-            rows[rel] = emb
-            valid[rel] = 1
+            rows[rel] = _encode(teacher, ds, x, ok_idx, f"rows {pos}-{pos + n - 1} of {cache.path}")
+            valid[rel] = KEPT
         cache.write(pos, rows, valid)
         pos += n
-        commit(pos, [err for _, err in errors])
-        for _, err in errors:
-            log.warning("skipped unreadable image %s", err)
+        commit(pos, errors)
+        warn_skipped(log, errors)
         bar.update(n)
     bar.close()
+
+
+def _retry(teacher: Teacher, ds, cache: EmbeddingCache, rows: np.ndarray, batch_size: int, workers: int) -> None:
+    """Embed again the rows whose reading failed in an earlier fill."""
+    for x, ok_idx, errors in _loader(teacher, ds, rows, batch_size, workers):
+        if x is not None:
+            cache.write_scattered(np.asarray(ok_idx), np.full(len(ok_idx), KEPT, np.uint8),
+                                  embeddings=_encode(teacher, ds, x, ok_idx, f"rows tried again in {cache.path}"))
+        if errors:
+            cache.write_scattered(np.array([i for i, _, _ in errors]),
+                                  np.array([RETRY if again else SKIPPED for _, _, again in errors], np.uint8))
+        cache.commit(cache.done, errors, settled=list(ok_idx) + [i for i, _, _ in errors])
+        warn_skipped(log, errors)
+    log.info("tried %d images of %s again whose reading had failed: %d read now", len(rows), cache.path,
+             len(rows) - len(cache.retry_rows()))
 
 
 def embed(cfg: EmbedConfig, teacher: Optional[Teacher] = None) -> EmbeddingCache:
