@@ -263,7 +263,7 @@ def test_a_reader_failure_is_tried_again_and_a_decoding_failure_is_kept(tmp_path
     ds, store, cache = fill()
     for s in (store, cache):
         assert s.manifest["skipped"] == 0 and list(s.valid_indices()) == [0, 1, 2], s.manifest
-    assert int(store.reader()[1][0, 0, 0]) == 47
+    assert int(store.reader()[1][0, 0, 0]) == int(np.asarray(Image.open(io.BytesIO(saved)))[0, 0, 0])
 
     # an image whose bytes do not decode (a labelled folder read as it is) stays skipped, for good
     (tmp_path / "lab" / "cats").mkdir(parents=True)
@@ -387,3 +387,38 @@ def test_a_second_make_pool_on_the_same_folder_is_refused(tmp_path):
             make_pool(cfg)
     assert not (out / "pool").exists()
     assert make_pool(cfg)["images"] == 10
+
+
+
+def test_renaming_a_photo_keeps_each_cache_row_on_its_image(tmp_path, random_teacher_file):
+    """Caches are keyed by the pool's content and read by row. The rows were in path order, so a
+    rename kept the key and moved the rows: the cached embedding of `a.png` was paired with the
+    pixels of `b.png`. Rows are in content order now; a rename changes nothing a cache holds."""
+    import torch
+
+    from clipdistill.data.pool import PoolDataset, index_pool
+    from clipdistill.teacher.cache import cache_path
+    from clipdistill.teacher.embed import fill_cache
+    from clipdistill.teacher.openclip_teacher import create_teacher
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for name, value in (("a.png", 200), ("b.png", 10), ("c.png", 120)):
+        (pool / name).write_bytes(_png(value, 32))
+    teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu", precision="fp32")
+
+    def embedded():
+        ds = PoolDataset(index_pool([pool], tmp_path / "cache"))
+        path = cache_path(tmp_path / "cache", teacher.slug, ds.slug(), ds.split)
+        cache = fill_cache(teacher, ds, path, 8, 0, False, False)
+        values = [int(np.asarray(ds.load(i))[0, 0, 0]) for i in range(len(ds))]
+        return ds.fingerprint(), values, np.asarray(cache.embeddings[:], np.float32)
+
+    fp, values, _ = embedded()
+    (pool / "a.png").rename(pool / "z.png")
+    fp2, values2, emb = embedded()
+    assert fp2 == fp and values2 == values  # the same image on every row
+    by_value = {200: "z.png", 10: "b.png", 120: "c.png"}
+    fresh = teacher.encode_images(torch.stack([teacher.preprocess(Image.open(pool / by_value[v]).convert("RGB"))
+                                               for v in values2]))
+    np.testing.assert_allclose(emb, fresh.numpy(), atol=2e-2)  # each row holds its own image's embedding

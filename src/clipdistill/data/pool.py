@@ -26,8 +26,9 @@ read as a stream (data/shards.py); an unchanged shard (same size and mtime) is n
 A member is recorded by its offset in the shard, and read back by it: a member's name is only
 shown (`SHARD::NAME`, `@OFFSET` added for a name repeated in its shard), never parsed.
 
-The pool's fingerprint is the sorted list of content hashes: renaming or moving photos
-keeps every cache made from it; adding, removing or editing one makes new caches."""
+The pool's fingerprint is the sorted list of content hashes, and its images are in that order:
+renaming or moving photos keeps every cache made from it, row for row; adding, removing or
+editing one makes new caches."""
 
 from __future__ import annotations
 
@@ -143,8 +144,17 @@ class PoolIndex:
                 + (f", e.g. {next(iter(self.broken))}: {next(iter(self.broken.values()))})" if self.broken else ")"))
 
     def fingerprint(self) -> dict:
-        h = hashlib.sha1("\n".join(sorted(self.hashes)).encode()).hexdigest()
+        h = hashlib.sha1(("rows by content\n" + "\n".join(sorted(self.hashes))).encode()).hexdigest()
         return {"name": "pool", "n": len(self.images), "content_sha1": h}
+
+    def order_by_content(self) -> None:
+        """Put the images in the order of their content hashes, the order the fingerprint names.
+        Caches are keyed by the fingerprint and read by row: in path order, renaming a photo kept
+        the fingerprint but moved the rows, and cached embeddings were paired with other images."""
+        order = sorted(range(len(self.hashes)), key=self.hashes.__getitem__)
+        self.images = [self.images[i] for i in order]
+        self.hashes = [self.hashes[i] for i in order]
+        self.members = {new: self.members[old] for new, old in enumerate(order) if old in self.members}
 
     def add(self, row: list, first: dict[str, str], member: Optional[tar_shards.Member] = None) -> None:
         """Count one index row: broken, a duplicate of an earlier image, or a new image."""
@@ -283,6 +293,7 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
             if r[OFFSET] is not None:
                 member = tar_shards.Member(shard, r[PATH][len(name) + len(tar_shards.SEP):], r[OFFSET], r[SIZE])
             idx.add(r, first, member)
+    idx.order_by_content()
     unchanged = reused == idx.files == len(before_files) + sum(len(g["rows"]) for g in before_shards.values())
     if cache is not None and not unchanged:
         try:
