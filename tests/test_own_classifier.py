@@ -89,7 +89,7 @@ def test_curation_threshold_top_negatives_and_sheets(tmp_path):
 
 
 def test_reject_threshold_calibration():
-    from clipdistill.fit.quality import calibrate_reject, otsu
+    from clipdistill.deploy.predict import calibrate_reject, otsu
 
     rng = np.random.default_rng(0)
     sims = np.concatenate([rng.normal(0.3, 0.03, 500), rng.normal(0.7, 0.03, 300)])
@@ -266,7 +266,8 @@ def test_reprompting_an_embedding_student(embedding_run, trained_run, cache_dir,
     prompts.write_text("".join(f"a {c}\n" for c in new))
     res = export(ExportConfig(run=str(embedding_run), prompts=str(prompts), cache_dir=str(cache_dir)))
     assert res["path"].endswith("model-new.onnx") and res["info"]["classes"] == [f"a {c}" for c in new]
-    assert "reject_threshold" not in res["info"]
+    # a reject threshold calibrated for the new prompts (tests/test_deploy_trust.py)
+    assert res["info"]["reject_calibration"]["prompts"] == [f"a {c}" for c in new]
     images, labels = generate("test", 300, 32, 3003)
     keep = np.isin(labels, [CLASSES.index(c) for c in new])
     folder = tmp_path / "imgs"

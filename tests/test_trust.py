@@ -380,17 +380,25 @@ def test_disk_full_while_embedding_and_checkpointing_is_a_message(tmp_path, trai
 # ----------------------------------------------------------------------------- leftovers and logs
 
 def test_leftovers_of_killed_writers_are_removed_and_live_ones_kept(run_copy, tmp_path):
+    """Ours by name (`clipdistill-PID`), dead by their lock: a temporary whose flock no process
+    holds is a leftover, whatever its pid says (tests/test_deploy_trust.py kills real writers)."""
+    import fcntl
+
     from clipdistill.core.atomic import remove_stale_temporaries
 
-    dead = 2**22 + 12345  # above pid_max: no such process
     ck = RunDir(run_copy).checkpoints
-    stale = [ck / f".best.safetensors.{dead}.abc.tmp", run_copy / f".export-{dead}-x1"]
+    stale = [ck / ".best.safetensors.clipdistill-12345.abc_1234.tmp",
+             run_copy / ".export.clipdistill-12345.x1y2z3ab.tmp"]
     stale[0].write_bytes(b"half a checkpoint")
     stale[1].mkdir()
-    live = ck / f".last.safetensors.{os.getpid()}.def.tmp"
+    live = ck / f".last.safetensors.clipdistill-{2**22 + 12345}.def45678.tmp"  # a pid that means nothing here
     live.write_bytes(b"being written")
-    removed = set(remove_stale_temporaries(ck)) | set(remove_stale_temporaries(run_copy))
-    assert removed == set(stale) and live.exists()
+    theirs = ck / ".notes.2024.12.tmp"  # not ours, whatever it looks like
+    theirs.write_text("a user's file")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a live writer holds, in whatever pid namespace
+        removed = set(remove_stale_temporaries(ck)) | set(remove_stale_temporaries(run_copy))
+    assert removed == set(stale) and live.exists() and theirs.exists()
 
 
 def test_the_student_loads_with_timm_alone(trained_run):

@@ -14,7 +14,11 @@ torch (the same architecture rebuilt in PyTorch, random weights: speed and memor
 trtexec (TensorRT's own benchmark, run with --fp16, plus --int8 for QDQ models; its own
 figures are parsed). A backend that is not installed is reported as skipped, never
 estimated. The records go to bench.json; the table and the student/teacher ratios are
-printed."""
+printed.
+
+Where the records go is settled before anything is measured (`BenchConfig.__post_init__`): a
+folder given as --out gets bench.json inside it, and a path that cannot be a file (under a
+file, say) is refused at once — not after minutes of measuring, with the table lost."""
 
 from __future__ import annotations
 
@@ -38,6 +42,9 @@ from ..core.registry import Registry
 log = logging.getLogger(__name__)
 
 
+DEFAULT_OUT = "bench.json"
+
+
 @dataclasses.dataclass
 class BenchConfig:
     model: list[str] = option(default_factory=list, help="ONNX files to measure: repeat --model FILE (student and "
@@ -53,7 +60,8 @@ class BenchConfig:
     threads: int = option(0, "CPU threads (ONNX Runtime intra-op, torch); 0 = the runtime's default")
     trt_precision: str = option("fp16", "TensorRT (ort-trt, trtexec) precision for float models; QDQ INT8 models "
                                         "add int8", choices=["fp32", "fp16"])
-    out: str = option("bench.json", "where the records are written", metavar="FILE")
+    out: str = option(DEFAULT_OUT, f"where the records are written; a folder: {DEFAULT_OUT} inside it",
+                      metavar="FILE|DIR")
 
     def __post_init__(self) -> None:
         for b in self.backend:
@@ -65,6 +73,24 @@ class BenchConfig:
         check(self.iters >= 1, "iters", "must be >= 1")
         check(self.max_seconds > 0, "max_seconds", "must be > 0")
         check(self.threads >= 0, "threads", "must be >= 0")
+        self.out = str(records_path(self.out))
+
+
+def records_path(out: str) -> Path:
+    """The file `--out` names: inside it when it is a folder (or ends with a separator). A path
+    no file can be written at is refused now, before the measuring (ConfigError naming --out)."""
+    path = Path(out)
+    check(bool(out), "out", f"give the file to write, e.g. {DEFAULT_OUT}")
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        path = path / DEFAULT_OUT
+        log.info("--out %s is a folder: the records go to %s", out, path)
+    check(not path.is_dir(), "out", f"{path} is a folder; give a file name, e.g. {path / DEFAULT_OUT}")
+    for parent in path.parents:
+        if parent.exists():
+            check(parent.is_dir(), "out", f"{parent} is a file, so {path} cannot be written; give another path")
+            check(os.access(parent, os.W_OK | os.X_OK), "out", f"{parent} is not writable here; give another path")
+            break
+    return path
 
 
 # ----------------------------------------------------------------------------- backends
@@ -123,9 +149,10 @@ BACKENDS.add("trtexec", Backend("trtexec", "TensorRT's trtexec", _trtexec_missin
 def describe_model(path: str) -> dict:
     """What bench needs to know about an ONNX file: from its sidecar when there is one
     (cheap), else from the file itself (its metadata and input shape)."""
+    from .predict import check_onnx_file
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--model {path}: no such file; write one with `clipdistill export`")
+    check_onnx_file(p)  # a huge file that is not ONNX is refused before onnx.load reads it whole
     side = p.with_suffix(".json")
     meta = {}
     if side.is_file():

@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -301,8 +300,8 @@ def compress(cfg: CompressConfig) -> dict:
         reference = loaded.module(torch.from_numpy(x)).numpy()
     out = cfg.out_path
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".compress-{os.getpid()}-", dir=out.parent) as tmp:
-        tmp_path = Path(tmp) / "model.onnx"
+    with atomic.temporary_folder(out.parent, "compress") as tmp:
+        tmp_path = tmp / "model.onnx"
         exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, "torchscript", 17)
         sess = session(tmp_path)
         envelope = 2 * rounding_envelope(loaded.module, torch.from_numpy(x), reference) \

@@ -13,16 +13,25 @@ is explicit: TorchScript (`torch.onnx.export(dynamo=False)`, opset 17) by defaul
 dynamo exporter on request; the choice is recorded in the metadata.
 
 `--int8` adds a statically quantized copy (see quantize.py) calibrated on the run's own
-training images, and reports test accuracy before and after."""
+training images, and reports test accuracy before and after.
+
+`--prompts` gives an embedding student new classes (`reprompt`). The reject threshold the run
+had (fit-prompts' calibration.json) was measured for the old prompts, so a new one is
+calibrated for the new prompts as fit-prompts calibrates its own (`calibrate_reprompted`): the
+teacher's cached embeddings of the run's images say which ones match a new prompt, and the
+student's top probability on those images gives the threshold that best reproduces that call.
+Without those embeddings there is nothing to calibrate on, and a threshold that reproduces the
+call barely better than chance would reject good images as often as others; in both cases the
+model never answers "none of these", and the export says so (log and sidecar), why, and how to
+get a threshold. The prompt
+file is checked as fit-prompts checks its own (`data.prompts.read_prompt_file`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -116,9 +125,9 @@ class ExportConfig:
         check(self.max_drop >= 0, "max_drop", "must be >= 0")
         check(self.threads >= 0, "threads", "must be >= 0")
         if self.prompts is not None:
-            from ..data.prompts import read_lines
+            from ..data.prompts import read_prompt_file
 
-            read_lines(self.prompts, "--prompts")
+            read_prompt_file(self.prompts, "--prompts")  # copies refused, a single prompt warned
             check(bool(self.run) and not self.teacher, "prompts", "re-prompts a run's embedding student; give --run")
             check(not self.int8, "prompts", "the INT8 check measures accuracy on the run's own test labels, which "
                                             "new prompts do not have; export with --prompts first, without --int8")
@@ -198,7 +207,7 @@ def load_student(run: str | Path, which: str = "best", size: int = 0, prompts: O
     output, n_cls, dim = state["output"], int(state["num_classes"]), int(state["embed_dim"])
     out_dim = n_cls if output == "logits" else dim
     student = create_student(cfg["student"], out_dim)
-    student.load_state_dict(state["model"])
+    checkpoint.load_model(student, state, path)
     spec, head = None, None
     if output == "embedding":
         th = state["teacher_head"]
@@ -211,8 +220,10 @@ def load_student(run: str | Path, which: str = "best", size: int = 0, prompts: O
     result = rundir.read_result() or {}
     calibration = atomic.read_json(rundir.path / "calibration.json") if (rundir.path / "calibration.json").is_file() \
         else None
+    new_head = None
     if prompts is not None:
-        state, spec, head = reprompt(state, prompts, cache_dir or cfg.get("cache_dir") or default_cache_dir())
+        new_head = reprompt(state, prompts, cache_dir or cfg.get("cache_dir") or default_cache_dir())
+        state, spec, head = new_head.state, new_head.spec, new_head.head
         n_cls = int(state["num_classes"])
         result, calibration = {}, None  # measured for the old classes
     info = {
@@ -228,16 +239,33 @@ def load_student(run: str | Path, which: str = "best", size: int = 0, prompts: O
         "source": {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": which, "epoch": state.get("epoch"),
                    **({"prompts": str(prompts)} if prompts is not None else {})},
     }
+    module = Deployable(student, head).eval()
+    if new_head is not None:
+        calibration = calibrate_reprompted(module, info, cfg, new_head)
     if calibration and isinstance(calibration.get("reject_threshold"), (int, float)):
         info["reject_threshold"] = float(calibration["reject_threshold"])
         info["reject_calibration"] = calibration
-    return Loaded(Deployable(student, head).eval(), info), state
+    return Loaded(module, info), state
 
 
-def reprompt(state: dict, prompts: str, cache_dir: str) -> tuple[dict, dict, nn.Module]:
+@dataclasses.dataclass
+class NewHead:
+    """What `reprompt` makes: the re-headed checkpoint, and the teacher and text embeddings that
+    made it (the reject threshold is calibrated with them)."""
+
+    state: dict
+    spec: dict
+    head: nn.Module
+    teacher: object
+    text: np.ndarray  # (classes, dim), normalised
+    cache_dir: str
+    prompts: list
+
+
+def reprompt(state: dict, prompts: str, cache_dir: str) -> NewHead:
     """An embedding student's checkpoint with a text head for new prompts: the student learnt
     the teacher's image embedding, so any prompts the teacher can read are a head for it."""
-    from ..data.prompts import read_lines
+    from ..data.prompts import read_prompt_file
     from ..teacher.openclip_teacher import create_teacher
     from ..teacher.outputs import text_embeddings
 
@@ -245,7 +273,7 @@ def reprompt(state: dict, prompts: str, cache_dir: str) -> tuple[dict, dict, nn.
         raise ConfigError(f"--prompts: this student learnt class logits ({state.get('method')}), not the teacher's "
                           f"embedding; only an embedding student (--method mse or cosine) can take new prompts. "
                           f"Train one, or distil again with these prompts")
-    lines = read_lines(prompts, "--prompts")
+    lines = read_prompt_file(prompts, "--prompts", warn=False)  # warned when the config was made
     tcfg = state["config"]
     fp = state.get("teacher") or {}
     teacher = create_teacher(tcfg["teacher"], tcfg.get("pretrained"), "cpu", fp.get("precision", "fp32"), cache_dir)
@@ -263,7 +291,114 @@ def reprompt(state: dict, prompts: str, cache_dir: str) -> tuple[dict, dict, nn.
            "teacher_head": {"kind": "text", "state_dict": head.state_dict(), "logit_scale": scale}}
     log.info("re-prompted: %d classes from %s (%s text embeddings, logit scale %.1f)", len(lines), prompts,
              fp.get("model"), scale)
-    return new, spec, head
+    return NewHead(new, spec, head, teacher, text.numpy().astype(np.float32), cache_dir, lines)
+
+
+def _run_dataset(run_cfg: dict, split: str, cache_dir: str):
+    """One split of the run's dataset, opened as training opened it (data.options.DataOptions)."""
+    from ..data.datasets import create_dataset, default_data_root
+
+    root = run_cfg.get("data_root") or ("" if run_cfg.get("pool") else default_data_root(cache_dir))
+    return create_dataset(run_cfg["dataset"], split, root, run_cfg.get("image_size", 32),
+                          run_cfg.get("max_images", 0), tuple(run_cfg.get("pool") or ()), cache_dir)
+
+
+def _cached_splits(run_cfg: dict, teacher, cache_dir: str) -> dict:
+    """split -> (dataset, its complete embedding cache, readable rows) for the run's splits whose
+    teacher embeddings are in `cache_dir` (none is computed here: that is `clipdistill embed`'s job)."""
+    from ..teacher.cache import EmbeddingCache, cache_path
+
+    cached = {}
+    for split in dict.fromkeys([*(run_cfg.get("data") or ["train"]), "test"]):
+        try:
+            ds = _run_dataset(run_cfg, split, cache_dir)
+            cache = EmbeddingCache.load(cache_path(cache_dir, teacher.slug, ds.slug(), split), teacher.fingerprint(),
+                                        ds.fingerprint())
+        except (ClipDistillError, OSError) as e:  # missing, incomplete, damaged or another teacher's
+            log.debug("no teacher embeddings of the run's %s split to calibrate on: %s", split, e)
+            continue
+        cached[split] = (ds, cache, cache.valid_indices())
+    return cached
+
+
+def _never_rejects(why: str, how: str) -> dict:
+    return {"reject_threshold": 0.0, "score": "top softmax probability of the model's output",
+            "why": f"this model never answers 'none of these': {why}", "how": how}
+
+
+WEAK_AGREEMENT = 70.0  # balanced agreement (%, 50 = chance) under which a threshold is not shipped
+
+
+def calibrate_reprompted(module: nn.Module, info: dict, run_cfg: dict, new: NewHead, max_images: int = 512,
+                         seed: int = 0) -> dict:
+    """The reject threshold for new prompts, found as fit-prompts finds its own (fit/quality.py):
+    the teacher's best-prompt cosine similarity over every cached image of the run, split in two
+    by Otsu's cut, is its "matches a prompt" call; the threshold on the student's top probability
+    that best reproduces that call on up to `max_images` images is the model's. The images are the
+    run's test split (never trained on) when it has enough, else its training images (the record
+    says which). A threshold that reproduces the call at under WEAK_AGREEMENT balanced agreement
+    would reject about as many images of the new classes as of others (a student that learnt the
+    teacher loosely): it is not shipped, only named. Without the run's cached embeddings there is
+    nothing to calibrate on. Either way the record says the model never rejects, why, and how to
+    get a threshold."""
+    from ..teacher.curate import best_similarity
+    from .predict import calibrate_reject, otsu, softmax
+
+    cached = _cached_splits(run_cfg, new.teacher, new.cache_dir)
+    if not cached:
+        return _never_rejects(
+            f"the teacher embeddings of the run's images, which calibrate the threshold for new prompts, are not in "
+            f"{new.cache_dir}",
+            f"export again with --cache-dir set to where the run was trained ({run_cfg.get('cache_dir')}) or where "
+            f"`clipdistill embed` has embedded its splits; or give `clipdistill predict --reject P` a probability "
+            f"yourself")
+    pool = np.concatenate([best_similarity(np.asarray(c.embeddings[v], dtype=np.float32), new.text)
+                           for _, c, v in cached.values()])
+    cut = otsu(pool)
+    held = ["test"] if "test" in cached and len(cached["test"][2]) >= 50 else list(cached)
+    rows = [(s, r) for s in held for r in cached[s][2]]
+    pick = [rows[i] for i in _subset(len(rows), max_images, seed)]
+    emb, pixels = [], []
+    for s in held:
+        ds, cache, _ = cached[s]
+        r = np.asarray([row for split, row in pick if split == s], dtype=np.int64)
+        emb.append(np.asarray(cache.embeddings[r], dtype=np.float32))
+        pixels.append(ds.pixels(info["trained_size"])[r])
+    x = torch.from_numpy(_student_pixels(np.concatenate(pixels), info))
+    with torch.no_grad():
+        logits = torch.cat([module(x[i:i + 128]) for i in range(0, len(x), 128)]).numpy()
+    match = best_similarity(np.concatenate(emb), new.text) >= cut
+    top = softmax(logits.astype(np.float64)).max(1)
+    cal = calibrate_reject(top, match)
+    where = (f"{len(pick)} images of the run's test split (never trained on)" if held == ["test"] else
+             f"{len(pick)} of the run's training images ({', '.join(held)}: the student learnt the teacher on them, so "
+             f"the threshold may reject too little)")
+    record = {"reject_threshold": cal["reject_threshold"], "score": "top softmax probability of the model's output",
+              "calibrated_on": f"{where}, against the teacher's similarity cut {cut:.3f} (Otsu, over {len(pool)} "
+                               f"cached images of the run; {float(match.mean() * 100):.0f}% of the images match a "
+                               f"prompt)",
+              "balanced_agreement": cal["balanced_agreement"], "prompts": list(new.prompts),
+              "rejected_share_held_out": float((top < cal["reject_threshold"]).mean() * 100)}
+    if not cal["reject_threshold"] > 0:
+        record.update(_never_rejects(cal.get("why") or "no threshold on its top probability reproduces the teacher's "
+                                     "'matches a prompt' call better than accepting every image",
+                                     "add a prompt for what else the images show, or give `clipdistill predict "
+                                     "--reject P` a probability yourself"))
+        return record
+    if cal["balanced_agreement"] < WEAK_AGREEMENT:  # a threshold that rejects about as many good images as others
+        record.update(_never_rejects(
+            f"its top probability follows the teacher's 'matches a new prompt' call at only "
+            f"{cal['balanced_agreement']:.1f}% balanced agreement (50% = chance; {WEAK_AGREEMENT:.0f}% wanted), so any "
+            f"threshold rejects about as many images of the new classes as of others",
+            f"distil longer or on images like these (the student learnt the teacher's embedding too loosely), or use "
+            f"the best threshold found anyway with `clipdistill predict --reject {cal['reject_threshold']:.4f}` (it "
+            f"rejects {record['rejected_share_held_out']:.0f}% of the images it was calibrated on)"))
+        record["weak_threshold"] = cal["reject_threshold"]
+        return record
+    log.info("reject threshold for the new prompts: top probability %.3f (%s; reproduces the teacher's 'none of "
+             "these' call at %.1f%% balanced agreement, rejects %.0f%% of those images)", cal["reject_threshold"],
+             record["calibrated_on"], cal["balanced_agreement"], record["rejected_share_held_out"])
+    return record
 
 
 def _clip_input(preprocess, size: int) -> dict:
@@ -548,8 +683,8 @@ def export(cfg: ExportConfig) -> dict:
     for p in atomic.remove_stale_temporaries(out.parent):
         log.info("removed %s, left by a killed export", p)
     result: dict = {"path": str(out), "sidecar": str(sidecar_path(out))}
-    with tempfile.TemporaryDirectory(prefix=f".export-{os.getpid()}-", dir=out.parent) as tmp:
-        tmp_path = Path(tmp) / "model.onnx"
+    with atomic.temporary_folder(out.parent, "export") as tmp:
+        tmp_path = tmp / "model.onnx"
         exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, cfg.exporter, cfg.opset)
         sess = session(tmp_path, cfg.threads)
         got = run_batches(sess, x, len(x))
@@ -566,6 +701,8 @@ def export(cfg: ExportConfig) -> dict:
         _write(tmp_path, out, info)
     log.info("wrote %s (%s %s, %d px, %s %s; %s) and %s", out, info["role"], info["name"], size, info["output"],
              info.get("num_classes") or info.get("embed_dim"), exp["call"], sidecar_path(out).name)
+    if cfg.prompts:
+        _say_reject(out, info["reject_calibration"])
     if info["role"] == "student" and size != info["trained_size"]:
         log.warning("note: the student learnt at %d px; at %d px it computes the same network (speed and memory at "
                     "this size are right) but its accuracy does not carry over: deploy the %d px export, or train "
@@ -580,13 +717,20 @@ def export(cfg: ExportConfig) -> dict:
     return result
 
 
+def _say_reject(out: Path, cal: dict) -> None:
+    """A re-prompted model that never rejects says so, with why and how to get a threshold."""
+    if cal.get("why"):
+        log.warning("warning: %s: %s; every image gets one of the new classes (reject threshold 0). To get a "
+                    "threshold: %s", out, cal["why"], cal["how"])
+
+
 def _int8(cfg: ExportConfig, run_cfg: dict, info: dict, fp32_path: Path, fp32_sess, out: Path) -> dict:
     from .quantize import quantize_int8
 
     q_out = int8_path(out, cfg.int8_target)
     calib = calibration_images(run_cfg, info, cfg.calib_images, cfg.cache_dir)
-    with tempfile.TemporaryDirectory(prefix=f".int8-{os.getpid()}-", dir=out.parent) as tmp:
-        q_tmp = Path(tmp) / "model.int8.onnx"
+    with atomic.temporary_folder(out.parent, "int8") as tmp:
+        q_tmp = tmp / "model.int8.onnx"
         log.info("int8 (%s): calibrating on %d training images (%s)", cfg.int8_target, len(calib), cfg.calib_method)
         qinfo = quantize_int8(fp32_path, q_tmp, calib, cfg.int8_target, cfg.calib_method)
         try:

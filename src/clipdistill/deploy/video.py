@@ -4,7 +4,12 @@ OpenCV (the headless build: no GUI libraries on a device) decodes files and open
 each frame goes through the same preprocessing as an image file (`predict.preprocess`, from
 the model's metadata), so a frame and the same picture saved as PNG get the same answer.
 Files are run in batches (throughput); cameras one frame at a time (latency). An annotated
-copy of the video, with the top class written on each frame, is optional."""
+copy of the video, with the top class written on each frame, is optional.
+
+A file that ends before its header says (a cut copy, a damaged frame OpenCV stops at) decodes
+without an error: OpenCV's read just returns nothing. So the frames read are compared with the
+header's count, and a shortfall is a warning naming the file and both counts, and
+`truncated: true` in the result, instead of a short answer that looks complete."""
 
 from __future__ import annotations
 
@@ -45,21 +50,34 @@ def open_capture(source: Union[str, int]):
     return cap
 
 
-def frames(cap, stride: int = 1, max_frames: int = 0) -> Iterator[tuple[int, float, np.ndarray]]:
-    """(frame index, time in seconds, RGB uint8 frame) of every `stride`-th frame."""
+def frames(cap, stride: int = 1, max_frames: int = 0, read: Optional[dict] = None
+           ) -> Iterator[tuple[int, float, np.ndarray]]:
+    """(frame index, time in seconds, RGB uint8 frame) of every `stride`-th frame. `read`, when
+    given, gets `frames` (how many were decoded) and `ended` (True when the stream ran out, False
+    when `max_frames` stopped it)."""
     cv2 = _cv2()
     fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    read = {} if read is None else read
+    read.update(frames=0, ended=False)
     i = n = 0
     while True:
         ok, bgr = cap.read()
         if not ok:
+            read["ended"] = True
             return
+        read["frames"] = i + 1
         if i % stride == 0:
             yield i, (i / fps if fps > 0 else float("nan")), cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             n += 1
             if max_frames and n >= max_frames:
                 return
         i += 1
+
+
+def header_frames(cap) -> Optional[int]:
+    """The frame count the file's header gives, or None (a camera, a stream, no count)."""
+    n = cap.get(_cv2().CAP_PROP_FRAME_COUNT)
+    return int(n) if n and n > 0 else None
 
 
 def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: float, batch_size: int = 16,
@@ -73,6 +91,8 @@ def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: flo
     cv2 = _cv2()
     cap = open_capture(source)
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 25.0
+    in_header = None if isinstance(source, int) else header_frames(cap)
+    read: dict = {}
     writer = None
     name = sess.get_inputs()[0].name
     classes = meta["classes"]
@@ -109,7 +129,7 @@ def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: flo
         pending.clear()
 
     try:
-        for item in frames(cap, stride, max_frames):
+        for item in frames(cap, stride, max_frames, read):
             pending.append(item)
             if len(pending) >= batch:
                 flush()
@@ -121,9 +141,16 @@ def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: flo
             writer.release()
     seconds = time.perf_counter() - t0
     if not answers:
-        raise ConfigError(f"{source}: no frame could be read")
+        raise ConfigError(f"{source}: no frame could be read" + (f" (its header says {in_header})" if in_header
+                                                                 else ""))
     fps = len(answers) / max(seconds, 1e-9)
     log.info("%s: %d frames in %.2f s: %.1f frames/s (decode, preprocess and model)%s", source, len(answers), seconds,
              fps, f"; annotated copy: {annotate}" if annotate else "")
+    truncated = bool(in_header and read["ended"] and read["frames"] < in_header)
+    if truncated:
+        log.warning("warning: %s holds %d frames but its header says %d: the file is cut short or damaged after "
+                    "frame %d; the %d answers cover only what could be decoded", source, read["frames"], in_header,
+                    read["frames"] - 1, len(answers))
     return {"source": str(source), "frames": answers, "frames_per_second": fps, "seconds": seconds,
-            "annotated": annotate}
+            "annotated": annotate, "frames_in_header": in_header, "frames_read": read["frames"],
+            "truncated": truncated}

@@ -20,10 +20,9 @@ ONNX export folds it in."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from ..core import atomic
 from ..teacher.heads import head_spec
 from .checkpoint import load_model
 from .rundir import RunDir
@@ -53,19 +52,16 @@ def write_timm_student(run: RunDir, state: dict) -> Path:
         info["head"] = head_spec(th["kind"], state["num_classes"], state["embed_dim"], th.get("logit_scale"))
         info["head_file"] = "head.safetensors"
     run.path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".student.{os.getpid()}.", suffix=".tmp", dir=run.path))
-    try:
-        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True,
+    with atomic.temporary_folder(run.path, "student") as tmp:
+        new = tmp / "new"
+        save_for_hf(model, str(new), model_config=model_config, safe_serialization=True,
                     data_config={"input_size": (3, size, size), "mean": (mean,) * 3, "std": (std,) * 3,
                                  "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"})
         if state["output"] != "logits":
             save_file({k: v.contiguous() for k, v in state["teacher_head"]["state_dict"].items()},
-                      str(tmp / "head.safetensors"))
-        old = run.path / f".student.{os.getpid()}.old.tmp"
+                      str(new / "head.safetensors"))
+        # the old folder moves into the scratch folder, which is removed with it
         if run.student.exists():
-            os.replace(run.student, old)
-        os.replace(tmp, run.student)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            os.replace(run.student, tmp / "old")
+        os.replace(new, run.student)
     return run.student

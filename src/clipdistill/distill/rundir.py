@@ -113,7 +113,8 @@ class RunDir:
                                       f"the same --out/--run); wait for it to finish, or use another --out")
 
     def clean_leftovers(self) -> None:
-        """Temporary files that a killed process left behind (its pid no longer runs)."""
+        """Temporary files that a killed writer left behind (ours by name, and no process holds the lock
+        their writer kept until the rename: core/atomic.py)."""
         for folder in (self.path, self.checkpoints):
             for p in atomic.remove_stale_temporaries(folder):
                 log.info("removed %s, left by a killed process", p)

@@ -18,41 +18,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..deploy.predict import softmax
+from ..deploy.predict import calibrate_reject, otsu, softmax
 from ..teacher.curate import best_similarity
 
 log = logging.getLogger(__name__)
-
-
-def otsu(values: np.ndarray, bins: int = 256) -> float:
-    """The cut that best splits `values` into two groups (max between-class variance)."""
-    v = np.asarray(values, dtype=np.float64)
-    hist, edges = np.histogram(v, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
-    # Every cut inside an empty gap between the groups splits them alike: take the gap's middle.
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)
-
-
-def calibrate_reject(student_top: np.ndarray, teacher_match: np.ndarray) -> dict:
-    """The student's top-probability threshold that best reproduces the teacher's matches."""
-    if teacher_match.all() or not teacher_match.any():
-        return {"reject_threshold": 0.0, "balanced_agreement": None,
-                "why": "the teacher finds every held-out image alike (all match or none): nothing to calibrate on"}
-    u = np.unique(student_top)
-    pos, neg = teacher_match.sum(), (~teacher_match).sum()
-    acc = np.array([0.5 * (((student_top >= t) & teacher_match).sum() / pos + ((student_top < t) & ~teacher_match).sum()
-                           / neg) for t in u])
-    j = int(np.argmax(acc))
-    # between the last value rejected and the first accepted, not on an observed value
-    threshold = float((u[j - 1] + u[j]) / 2) if j > 0 else 0.0
-    return {"reject_threshold": threshold, "balanced_agreement": float(acc[j] * 100)}
 
 
 def assess(student_logits: np.ndarray, teacher_emb: np.ndarray, text_emb: np.ndarray, teacher_logits: np.ndarray,
