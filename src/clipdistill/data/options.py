@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from ..core.config import check, option
+from ..core.config import Options, at_least, check, check_fields, option
 from .datasets import DATASETS, create_dataset, default_data_root
 from .protocol import ImageDataset
 from .prompts import read_prompt_file, read_templates
@@ -16,15 +16,16 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
 
 
 @dataclasses.dataclass
-class DataOptions:
+class DataOptions(Options, title="dataset"):
     """Which dataset and where its files are."""
 
     dataset: str = option("shapes10", "stl10, shapes10 (offline synthetic) or folder", metavar="NAME")
     data_root: Optional[str] = option(None, "dataset files (stl10: the folder holding stl10_binary/; folder: the "
-                                            "image folder); default: CACHE_DIR/data", metavar="DIR")
+                                            "image folder); default: CACHE_DIR/data", metavar="DIR", runtime=True)
     image_size: int = option(32, f"shapes10 only: side of the generated images in pixels, {MIN_IMAGE_SIZE}.."
                                  f"{MAX_IMAGE_SIZE} (STL10 is 96)")
-    max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials")
+    max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials",
+                             valid=at_least(0, "0 = all"))
     pool: list[str] = option(default_factory=list, help="folder dataset: unlabeled pools, comma-separated: any trees of "
                                                         "images (sub-folders never mean classes) or tar shards "
                                                         "('shards/pool-{000..099}.tar', WebDataset's form), indexed "
@@ -40,7 +41,7 @@ class DataOptions:
         DATASETS.get(self.dataset)  # unknown names fail before any teacher is loaded
         check(not self.pool or self.dataset == "folder", "pool", "only applies with --dataset folder")
         self._check_image_size()
-        check(self.max_images >= 0, "max_images", "must be >= 0 (0 = all)")
+        check_fields(self, DataOptions)
         if self.prompts is not None:
             read_prompt_file(self.prompts)
         read_templates(self.templates)

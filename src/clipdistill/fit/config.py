@@ -7,20 +7,51 @@ patient cosine schedule."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Optional
 
-from ..core.config import check, option
+from ..core.config import Rule, at_least, check, check_fields, common_options, option, preset
 from ..data.prompts import read_prompt_file, read_templates
-from ..distill.augment import AUGMENTATIONS
-from ..distill.config import TEACHING, TrainConfig
+from ..distill.config import (AugmentOptions, MethodOptions, OptimiserOptions, RunOptions, StudentOptions,
+                              TeachingOptions, TrainConfig)
 from ..teacher.curate import CurateOptions
 from ..teacher.options import TeacherOptions
 
+# fit-prompts is a preset over `clipdistill train`'s options, as an experiment is: the ones it shows
+# as flags, with its own defaults and words where they differ; each keeps train's type, choices,
+# rule and runtime mark unless changed here.
+FitStudent = preset(StudentOptions, student={"default": "resnet10t"},
+                    student_size={"help": "student input side; 0 = the teacher's input side, at most 224",
+                                  "valid": Rule(lambda v: v == 0 or v >= 16, "must be 0 (auto) or >= 16")})
+FitMethod = preset(MethodOptions, method={
+    "default": "cosine", "help": "what the student learns: cosine/mse (the teacher's image embedding: any prompts "
+                                 "can be its head later, and it can say 'none of these'), kl (the prompts' "
+                                 "probabilities only), or a sum such as kl+cosine"})
+FitOptimiser = preset(
+    OptimiserOptions,
+    epochs={"default": 0, "help": "training epochs over the curated pool; 0 = enough for --steps optimizer steps (a "
+                                  "small pool gets more epochs: patience is what a small pool needs), at least 40",
+            "valid": at_least(0, "0 = from --steps")},
+    batch_size={"help": "images per step"},
+    lr={"default": 2e-3, "help": "Adam learning rate (cosine schedule, one epoch of warm-up)"})
+FitAugment = preset(AugmentOptions, augment={"help": "augmentation of the view the student and the teacher both see"},
+                    mixup={"default": 1.0, "help": "mixup alpha (0 = off); the teacher sees the mixed image too"})
+FitTeaching = preset(TeachingOptions, teaching={
+    "help": "where the teacher's targets come from (see `clipdistill train --help`); auto measures the teacher and "
+            "picks online or cached views"})
+FitRun = preset(RunOptions, seed={"help": "random seed (>= 0)"}, progress={})
 
+# What the training stage sets beyond the options fit-prompts shares with train: the pool is a
+# folder dataset's unlabeled split, the targets come from the prompts (the text head), and the
+# best epoch is the one that agrees most with the teacher (no labels anywhere).
+TRAINING = {"dataset": "folder", "data": ["unlabeled"], "head": "text", "pick": "agreement"}
+
+
+# Listed last-flag-first, as TrainConfig's groups are.
 @dataclasses.dataclass
-class FitConfig(TeacherOptions, CurateOptions):
+class FitConfig(FitRun, FitTeaching, FitAugment, FitOptimiser, FitMethod, FitStudent, TeacherOptions, CurateOptions):
     prompts: str = option("", "text file, one prompt per class (\"a photo of a forklift\"); with --eval, each "
                               "test/ class folder takes the prompt that names it (folder 'forklift'), else the "
                               "folders' sorted order", metavar="FILE")
@@ -30,28 +61,13 @@ class FitConfig(TeacherOptions, CurateOptions):
                                                         "skipped and listed)", metavar="DIR|SHARDS[,...]")
     eval: Optional[str] = option(None, "optional labelled images to measure accuracy: a folder with test/<class>/ "
                                        "(or the test/ folder itself); never trained on", metavar="DIR")
+    # Not runtime, unlike train's --out: the stages record the paths they wrote under it.
     out: str = option("", "folder for everything this writes (model, sidecar, sheets, report); default "
                           "runs/fit-PROMPTS", metavar="DIR")
     templates: Optional[str] = option(None, "prompt templates file, one per line with {} (averaged, as open_clip's "
                                             "zero-shot classifiers)", metavar="FILE")
-    student: str = option("resnet10t", "any timm architecture")
-    student_size: int = option(0, "student input side; 0 = the teacher's input side, at most 224")
-    method: str = option("cosine", "what the student learns: cosine/mse (the teacher's image embedding: any prompts "
-                                   "can be its head later, and it can say 'none of these'), kl (the prompts' "
-                                   "probabilities only), or a sum such as kl+cosine")
-    epochs: int = option(0, "training epochs over the curated pool; 0 = enough for --steps optimizer steps (a small "
-                            "pool gets more epochs: patience is what a small pool needs), at least 40")
-    steps: int = option(4000, "with --epochs 0: the optimizer steps to aim for")
-    batch_size: int = option(64, "images per step")
-    lr: float = option(2e-3, "Adam learning rate (cosine schedule, one epoch of warm-up)")
-    augment: str = option("rrc", "augmentation of the view the student and the teacher both see",
-                          choices=list(AUGMENTATIONS))
-    mixup: float = option(1.0, "mixup alpha (0 = off); the teacher sees the mixed image too")
-    teaching: str = option("auto", "where the teacher's targets come from (see `clipdistill train --help`); auto "
-                                   "measures the teacher and picks online or cached views", choices=list(TEACHING))
+    steps: int = option(4000, "with --epochs 0: the optimizer steps to aim for", valid=at_least(1))
     int8: bool = option(True, "also write an INT8 model (calibrated on the pool)")
-    seed: int = option(0, "random seed (>= 0)")
-    progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
         self._check_teacher()
@@ -72,13 +88,7 @@ class FitConfig(TeacherOptions, CurateOptions):
                 self.eval = str(e.parent)  # `--eval DATA/test` means DATA's test split
             check((Path(self.eval) / "test").is_dir(), "eval",
                   f"{self.eval} has no test/ folder; put labelled images in {Path(self.eval) / 'test'}/<class>/")
-        check(self.student_size == 0 or self.student_size >= 16, "student_size", "must be 0 (auto) or >= 16")
-        check(self.epochs >= 0, "epochs", "must be >= 0 (0 = from --steps)")
-        check(self.steps >= 1, "steps", "must be >= 1")
-        check(self.batch_size >= 2, "batch_size", "must be >= 2")
-        check(self.lr > 0, "lr", "must be > 0")
-        check(self.mixup >= 0, "mixup", "must be >= 0")
-        check(self.seed >= 0, "seed", "must be >= 0")
+        check_fields(self)
         if not self.out:
             self.out = str(Path("runs") / f"fit-{Path(self.prompts).stem}")
 
@@ -99,12 +109,9 @@ class FitConfig(TeacherOptions, CurateOptions):
         return max(40, -(-self.steps // per_epoch))
 
     def train_config(self, student_size: int, rows: str = "", epochs: int = 1) -> TrainConfig:
-        """The `clipdistill train` config of the training stage (recorded in OUT/run/config.json)."""
-        return TrainConfig(
-            teacher=self.teacher, pretrained=self.pretrained, device=self.device, precision=self.precision,
-            cache_dir=self.cache_dir, embed_batch_size=self.embed_batch_size, workers=self.workers,
-            dataset="folder", data_root=self.eval, pool=list(self.pool), prompts=self.prompts,
-            templates=self.templates, data=["unlabeled"], rows=rows, method=self.method, head="text",
-            student=self.student, student_size=student_size, augment=self.augment, mixup=self.mixup,
-            teaching=self.teaching, epochs=epochs, batch_size=self.batch_size, lr=self.lr, pick="agreement",
-            seed=self.seed, out=str(self.run_path), progress=self.progress)
+        """The `clipdistill train` config of the training stage (recorded in OUT/run/config.json): every
+        option fit-prompts shares with train, TRAINING, and what the stage decides (the student's
+        side, the curated rows, the epochs, the run folder inside OUT)."""
+        return TrainConfig(**{**common_options(self, TrainConfig), **copy.deepcopy(TRAINING), "data_root": self.eval,
+                              "rows": rows, "student_size": student_size, "epochs": epochs,
+                              "out": str(self.run_path)})

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 
 from ..core import atomic
-from ..core.config import to_dict
+from ..core.config import runtime_fields, to_dict
 from ..core.locks import exclusive
 from .config import FitConfig
 
@@ -47,7 +47,7 @@ class Stages:
     def __init__(self, out: Path, key: dict, progress: bool):
         self.path, self.key, self.progress = out / STATE, key, progress
         saved = atomic.read_json(self.path) if self.path.is_file() else {}
-        self.done: dict = saved.get("done", {}) if saved.get("key") == key else {}
+        self.done: dict = saved.get("done", {}) if _result_part(saved.get("key")) == key else {}
         self.t0 = time.time()
 
     def start(self, name: str, estimate: str = "") -> None:
@@ -75,10 +75,19 @@ def _stage_key(cfg: FitConfig) -> dict:
     through the index and the training run, which compare their images by content)."""
     from ..data.prompts import read_lines
 
-    key = {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "workers")}
+    key = _result_part(to_dict(cfg))
     key["prompt_lines"] = read_lines(cfg.prompts, "--prompts")
     key["template_lines"] = read_lines(cfg.templates, "--templates") if cfg.templates else None
     return key
+
+
+def _result_part(key):
+    """A stage key without FitConfig's runtime fields (a key written before they were all left out
+    still matches)."""
+    if not isinstance(key, dict):
+        return key
+    runtime = runtime_fields(FitConfig)
+    return {k: v for k, v in key.items() if k not in runtime}
 
 
 POOL_HASHES = "pool-images.sha1"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core import atomic
-from ..core.config import RUNTIME_FIELDS, check, config_diff, default_cache_dir, option, to_dict
+from ..core.config import check, config_diff, default_cache_dir, option, runtime_fields, to_dict
 from .experiments import EXPERIMENTS, SUITES, build_config, select
 from .report import record, write_report
 
@@ -67,13 +67,15 @@ class DemoConfig:
 
 
 # Settings of `reproduce` that change results: every row is built with them and the report
-# header names them. (The runtime ones, core.config.RUNTIME_FIELDS, are passed through too.)
+# header names them. (The rows' runtime fields that reproduce has, --device and so on, are passed through too.)
 RESULT_OVERRIDES = ("epochs", "max_images", "pretrained")
 
 
 def _runtime(cfg: ReproduceConfig) -> dict:
     """What every row's config takes from this one: its runtime fields, and the overrides set."""
-    o = {k: getattr(cfg, k) for k in RUNTIME_FIELDS if hasattr(cfg, k) and getattr(cfg, k) is not None
+    from ..distill.config import TrainConfig
+
+    o = {k: getattr(cfg, k) for k in runtime_fields(TrainConfig) if hasattr(cfg, k) and getattr(cfg, k) is not None
          and k != "out"}
     o.update({k: getattr(cfg, k) for k in ("max_images", "pretrained") if getattr(cfg, k)})
     return o
