@@ -142,7 +142,7 @@ def exported(trained_run, tmp_path_factory) -> dict:
     """fp32 + INT8 (cpu target) exports of the trained run, through the real CLI."""
     import json
 
-    from clipdistill.deploy.export import int8_path
+    from clipdistill.deploy.writer import int8_path
 
     out = tmp_path_factory.mktemp("export") / "student.onnx"
     proc = cli_subprocess("export", "--run", str(trained_run), "--out", str(out), "--int8", "--calib-images", "144",

@@ -41,3 +41,19 @@ def test_unknown_dataset_lists_valid_ones(tmp_path):
 def test_unknown_verb_exits_2():
     proc = run_cli("distill", check=False)
     assert proc.returncode == 2 and "teacher-eval" in proc.stderr
+
+
+def test_every_verb_is_a_config_a_run_function_and_a_formatter():
+    """The one pattern: each name in the registry loads (imported here as `clipdistill VERB` would)."""
+    import dataclasses
+    import importlib
+
+    def _load(ref: str):
+        module, name = ref.split(":")
+        return getattr(importlib.import_module(module, "clipdistill"), name)
+
+    for verb in VERBS:
+        v = VERBS.get(verb)
+        assert dataclasses.is_dataclass(_load(v.config)), verb
+        for ref in (v.run, v.text, v.failures):
+            assert ref is None or callable(_load(ref)), (verb, ref)

@@ -53,7 +53,7 @@ def test_rounding_envelope_measures_a_boundary_flip_and_parity_allows_only_that(
     import torch
 
     from clipdistill.deploy.compress import rounding_envelope
-    from clipdistill.deploy.export import ParityError, check_parity
+    from clipdistill.deploy.parity import ParityError, check_parity
 
     net = _boundary_net()
     on, off = torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), 4.0)
@@ -111,7 +111,7 @@ def test_qat_exports_qdq_onnx_that_onnxruntime_runs(compressed):
 
 def test_a_test_accuracy_gap_beyond_rounding_is_refused():
     from clipdistill.deploy.compress import check_test_agreement
-    from clipdistill.deploy.export import ParityError
+    from clipdistill.deploy.parity import ParityError
 
     check_test_agreement({"fine_tuned_accuracy": 60.0, "onnx_accuracy": 60.9}, 2000)
     check_test_agreement({"ptq_accuracy": 60.0, "onnx_accuracy": 62.5}, 100)  # a small split: up to 3 images

@@ -16,7 +16,8 @@ from conftest import cli_subprocess as _cli
 
 from clipdistill.distill import checkpoint
 from clipdistill.core.errors import ConfigError
-from clipdistill.deploy.export import ExportConfig, ParityError, check_parity, export
+from clipdistill.deploy.export import ExportConfig, export
+from clipdistill.deploy.parity import ParityError, check_parity
 from clipdistill.distill.students import create_student, prepare_images
 
 from clipdistill.data.shapes10 import CLASSES as SHAPES10_CLASSES
@@ -255,16 +256,15 @@ def test_predict_preprocessing_matches_training_and_the_teacher(random_teacher_f
     from PIL import Image
 
     from clipdistill.data.shapes10 import SPLITS, generate
-    from clipdistill.deploy.export import _clip_input, _student_input
-    from clipdistill.deploy.predict import preprocess
+    from clipdistill.deploy.inputs import clip_input, preprocess, student_input
     from clipdistill.teacher.openclip_teacher import create_teacher
 
     images = generate("test", 2, 96, SPLITS["test"].seed)[0]
     teacher = create_teacher("tiny-shapes", pretrained=str(random_teacher_file), device="cpu", precision="fp32")
     odd = Image.fromarray(images[0]).resize((70, 50))  # not square: shortest side, then centre crop
-    assert np.abs(preprocess(odd, _clip_input(teacher.preprocess, 32)) - teacher.preprocess(odd).numpy()).max() < 1e-6
+    assert np.abs(preprocess(odd, clip_input(teacher.preprocess, 32)) - teacher.preprocess(odd).numpy()).max() < 1e-6
     for size in (32, 224):  # down and up: Pillow's antialiased bilinear vs torch's, within uint8 rounding
-        got = preprocess(Image.fromarray(images[1]), _student_input(size, 0.5, 0.25))
+        got = preprocess(Image.fromarray(images[1]), student_input(size, 0.5, 0.25))
         ref = prepare_images(torch.from_numpy(images[1:2]), size, 0.5, 0.25)[0].numpy()
         assert got.shape == (3, size, size) and np.abs(got - ref).max() < 1.5 * (1 / 255) / 0.25
 

@@ -38,23 +38,24 @@ def test_a_reprompted_threshold_is_calibrated_on_the_runs_images_and_separates(e
     import torch
 
     from clipdistill.data.shapes10 import CLASSES, generate
-    from clipdistill.deploy.export import (WEAK_AGREEMENT, Deployable, _clip_input, _ImageEncoder, _student_pixels,
-                                           calibrate_reprompted, reprompt)
-    from clipdistill.deploy.predict import softmax
+    from clipdistill.deploy.deployable import Deployable, ImageEncoder
+    from clipdistill.deploy.inputs import clip_input, prepare
+    from clipdistill.deploy.reject import softmax
+    from clipdistill.deploy.reprompt import WEAK_AGREEMENT, calibrate_reprompted, reprompt
     from clipdistill.distill import checkpoint
 
     new = ["ring", "cross", "heart"]
     state = checkpoint.load(embedding_run / "checkpoints" / "best.safetensors")
     head = reprompt(state, str(_prompts(tmp_path, "new.txt", [f"a {c}" for c in new])), str(cache_dir))
-    model = Deployable(_ImageEncoder(head.teacher.model.float().eval()), head.head).eval()
-    info = {"trained_size": 32, "input": _clip_input(head.teacher.preprocess, 32)}
+    model = Deployable(ImageEncoder(head.teacher.model.float().eval()), head.head).eval()
+    info = {"trained_size": 32, "input": clip_input(head.teacher.preprocess, 32)}
     cal = calibrate_reprompted(model, info, state["config"], head)
     assert 0 < cal["reject_threshold"] < 1 and cal["balanced_agreement"] >= WEAK_AGREEMENT and "why" not in cal
     assert cal["prompts"] == [f"a {c}" for c in new] and "test split" in cal["calibrated_on"]
 
     images, labels = generate("test", 300, 32, 3003)  # not the images it was calibrated on
     with torch.no_grad():
-        logits = model(torch.from_numpy(_student_pixels(images, info))).numpy()
+        logits = model(torch.from_numpy(prepare(images, info["input"]))).numpy()
     rejected = softmax(logits.astype(np.float64)).max(1) < cal["reject_threshold"]
     inside = np.isin(labels, [CLASSES.index(c) for c in new])
     share_in, share_out = rejected[inside].mean() * 100, rejected[~inside].mean() * 100
@@ -68,8 +69,10 @@ def test_a_reprompted_export_records_its_calibration_and_ships_only_a_useful_thr
     follows the teacher loosely (its top probability reproduces the teacher's call at about 55%
     balanced agreement): such a threshold would reject good images as often as others, so the
     model is said to never reject, with the threshold found for whoever wants it anyway."""
-    from clipdistill.deploy.export import WEAK_AGREEMENT, ExportConfig, export, sidecar_path
+    from clipdistill.deploy.export import ExportConfig, export
     from clipdistill.deploy.predict import PredictConfig, open_model
+    from clipdistill.deploy.reprompt import WEAK_AGREEMENT
+    from clipdistill.deploy.writer import sidecar_path
 
     new = [f"a {c}" for c in ("ring", "cross", "heart")]
     out = tmp_path / "m.onnx"
@@ -93,7 +96,8 @@ def test_a_reprompted_export_records_its_calibration_and_ships_only_a_useful_thr
 def test_a_reprompted_export_without_the_runs_embeddings_says_it_never_rejects(embedding_run, tmp_path, caplog):
     """Another --cache-dir holds none of the run's teacher embeddings: nothing to calibrate on, so
     the export says so (log and sidecar) and how to get a threshold."""
-    from clipdistill.deploy.export import ExportConfig, export, sidecar_path
+    from clipdistill.deploy.export import ExportConfig, export
+    from clipdistill.deploy.writer import sidecar_path
 
     prompts = _prompts(tmp_path, "new.txt", ["a ring", "a cross"])
     out = tmp_path / "m.onnx"
@@ -186,7 +190,7 @@ def test_a_video_shorter_than_its_header_says_so(exported, tmp_path, capsys):
 def _tampered(src: Path, dst: Path, change) -> Path:
     import onnx
 
-    from clipdistill.deploy.predict import METADATA_KEY
+    from clipdistill.deploy.model_file import METADATA_KEY
 
     model = onnx.load(str(src))
     props = {p.key: p.value for p in model.metadata_props}
@@ -239,7 +243,7 @@ def test_a_huge_file_that_is_not_onnx_is_refused_without_being_read(tmp_path):
     """Sparse files (no disk used): 3 GB of junk, and a file under protobuf's 2 GiB limit whose
     header is right but whose only field is a 2 GB string (ONNX Runtime reads it all, then fails)."""
     from clipdistill.deploy.bench import _peak_rss_kb, _reset_peak, _status_kb, describe_model
-    from clipdistill.deploy.predict import session
+    from clipdistill.deploy.runtime import session
 
     junk = tmp_path / "junk.onnx"
     with open(junk, "wb") as f:

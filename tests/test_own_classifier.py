@@ -89,7 +89,7 @@ def test_curation_threshold_top_negatives_and_sheets(tmp_path):
 
 
 def test_reject_threshold_calibration():
-    from clipdistill.deploy.predict import calibrate_reject, otsu
+    from clipdistill.deploy.reject import calibrate_reject, otsu
 
     rng = np.random.default_rng(0)
     sims = np.concatenate([rng.normal(0.3, 0.03, 500), rng.normal(0.7, 0.03, 300)])

@@ -1,8 +1,11 @@
 """`clipdistill VERB ...`: a thin wrapper over the Python API.
 
-Each verb is a config dataclass plus a function; the flags are generated from the
-dataclass (see config.py). Modules are imported only for the verb that runs, so
-`clipdistill --help` answers at once."""
+Every verb is the same three things, named in one registry (`VERBS`): a config dataclass (its
+flags are generated from it, see core/config.py; it validates itself), a run function that takes
+the config and returns a dict (the Python API), and a formatter that turns that dict into what a
+person reads. The glue is here and only here: parse the flags, build the config, run, print the
+text or, with --json, the dict; errors become exit codes. Modules are imported only for the
+verb that runs, so `clipdistill --help` answers at once."""
 
 from __future__ import annotations
 
@@ -13,19 +16,26 @@ import json
 import sys
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from .core.errors import ClipDistillError, ConfigError
 from .core.registry import Registry
+
+JSON_HELP = "print the result as one JSON object on stdout"
 
 
 @dataclass
 class Verb:
     summary: str
     description: str
-    config: str  # "module:Class"
-    run: str  # "module:function(cfg, args) -> int"
-    extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    config: str  # "module:Class": the flags, validated in its __post_init__
+    run: str  # "module:function(cfg) -> dict"
+    text: Optional[str] = None  # "module:function(result, cfg) -> str": what stdout says; None: nothing
+    json: Optional[str] = None  # --json's help; None: the verb has no --json
+    json_omit: tuple[str, ...] = ()  # keys of the result --json leaves out
+    failures: Optional[str] = None  # "module:function(result) -> list[str]": said on stderr; any makes exit 1
+    inputs: Optional[dict] = None  # a positional argument (argparse's keywords), given to run as `inputs`
+    streams: bool = False  # run(cfg, ..., emit=) hands each item over as it comes; printed at once, as the result
 
 
 VERBS: Registry[Verb] = Registry("verb")
@@ -40,10 +50,6 @@ def _stderr(*a, **k):
     print(*a, file=sys.stderr, **k)
 
 
-def _json_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
-
-
 # ------------------------------------------------------------------------------ verbs
 
 VERBS.add("embed", Verb(
@@ -54,7 +60,7 @@ VERBS.add("embed", Verb(
     "examples:\n  clipdistill embed --dataset shapes10 --split unlabeled\n"
     "  clipdistill embed --teacher ViT-B-32 --pretrained laion2b_s34b_b79k --dataset stl10 --split train "
     "--data-root ~/data\n  clipdistill embed --dataset folder --data-root ~/my_images --split train",
-    ".teacher.embed:EmbedConfig", ".cli:_run_embed"))
+    ".teacher.embed:EmbedConfig", ".cli:_embed", ".cli:_embed_text"))
 
 VERBS.add("make-pool", Verb(
     "write an offline example of your own job: a nested pool of photos, prompts and a labelled test folder",
@@ -64,7 +70,7 @@ VERBS.add("make-pool", Verb(
     "folders. What `fit-prompts` is measured on.\n\n"
     "examples:\n  clipdistill make-pool --out my-pool\n"
     "  clipdistill make-pool --out my-pool --classes ring,cross,square,heart --seed 1",
-    ".data.example_pool:PoolConfig", ".cli:_run_make_pool", _json_flag))
+    ".data.example_pool:PoolConfig", ".data.example_pool:make_pool", ".cli:_pool_text", json=JSON_HELP))
 
 VERBS.add("teacher-eval", Verb(
     "zero-shot and linear-probe accuracy of the teacher (the study's first table)",
@@ -73,7 +79,8 @@ VERBS.add("teacher-eval", Verb(
     "part of train, never on test). Writes OUT/teacher_eval.json.\n\n"
     "examples:\n  clipdistill teacher-eval                      # tiny-shapes teacher on shapes10, offline\n"
     "  clipdistill teacher-eval --teacher ViT-B-32 --dataset stl10 --json",
-    ".teacher.evaluate:TeacherEvalConfig", ".cli:_run_teacher_eval", _json_flag))
+    ".teacher.evaluate:TeacherEvalConfig", ".teacher.evaluate:teacher_eval", ".cli:_teacher_eval_text", json=JSON_HELP,
+    json_omit=("config",)))
 
 
 VERBS.add("train", Verb(
@@ -90,43 +97,19 @@ VERBS.add("train", Verb(
     "  clipdistill train --method kl --head linear --data train,unlabeled\n"
     "  clipdistill train --method kl --head text --logit-scale 1 --data train,unlabeled   # the study's T=1 text row\n"
     "  clipdistill train --method mse --head text --data train,unlabeled --student resnet34",
-    ".distill.config:TrainConfig", ".cli:_run_train", _json_flag))
+    ".distill.config:TrainConfig", ".distill.train:train", ".cli:_run_text", json=JSON_HELP))
 
 VERBS.add("eval", Verb(
     "test accuracy and teacher agreement of a trained run",
     "Loads the run's best checkpoint and writes RUN/result.json with test_accuracy, teacher_agreement and "
     "per-class accuracy (percent).\n\nexample:\n  clipdistill eval --run runs/shapes10-resnet18-kl-auto-train",
-    ".distill.evaluate:EvalConfig", ".cli:_run_eval", _json_flag))
-
-
-def _print_result(res: dict, args) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(res, default=str))
-        return
-    acc = res["test_accuracy"]
-    where = f"test accuracy {acc:.2f}%" if res.get("n_test") and acc == acc else "no labelled test images"
-    print(f"{res['run_dir']}: {where}, teacher agreement {res['teacher_agreement']:.2f}% ({res['student']}, "
-          f"{res['method']}, head {res['head']}, data {res['data']})")
-
-
-def _run_train(cfg, args) -> int:
-    from .distill.train import train
-
-    _print_result(train(cfg), args)
-    return 0
-
-
-def _run_eval(cfg, args) -> int:
-    from .distill.evaluate import evaluate_run
-
-    _print_result(evaluate_run(cfg), args)
-    return 0
+    ".distill.evaluate:EvalConfig", ".distill.evaluate:evaluate_run", ".cli:_run_text", json=JSON_HELP))
 
 
 VERBS.add("experiments", Verb(
     "list the study's experiments and their settings, per suite",
     "Each experiment is one row of the study's tables, built from the same config as `clipdistill train`.",
-    ".cli:NoConfig", ".cli:_run_experiments"))
+    ".cli:NoConfig", ".cli:_experiments", ".cli:_experiments_text"))
 
 VERBS.add("reproduce", Verb(
     "run the study's experiments and write RESULTS.md, results.json and plots",
@@ -135,7 +118,7 @@ VERBS.add("reproduce", Verb(
     "examples:\n  clipdistill reproduce --suite shapes10 --full          # offline, CPU\n"
     "  clipdistill reproduce --suite stl10 --data-root ~/data     # the study, on a GPU machine\n"
     "  clipdistill reproduce --suite stl10 --only resnet18_linear_train_unlabeled",
-    ".study.reproduce:ReproduceConfig", ".cli:_run_reproduce"))
+    ".study.reproduce:ReproduceConfig", ".study.reproduce:reproduce", ".cli:_report_text"))
 
 VERBS.add("demo", Verb(
     "the study replayed offline on shapes10 with the tiny teacher (what `make demo` runs)",
@@ -143,89 +126,12 @@ VERBS.add("demo", Verb(
     "teacher zero-shot and probe; from scratch vs distilled on train only; the gain from unlabeled data; "
     "KL vs MSE. --full adds the student sizes and the remaining rows. Generates shapes10 and pre-trains the "
     "tiny teacher on first use (cached).",
-    ".study.reproduce:DemoConfig", ".cli:_run_demo"))
+    ".study.reproduce:DemoConfig", ".study.reproduce:demo", ".cli:_demo_text"))
 
 
 @dataclass
 class NoConfig:
     pass
-
-
-def _run_experiments(cfg, args) -> int:
-    from .study.reproduce import list_experiments
-
-    print(list_experiments())
-    return 0
-
-
-def _run_reproduce(cfg, args) -> int:
-    from .study.reproduce import reproduce
-
-    res = reproduce(cfg)
-    print(res["markdown"])
-    print(f"report: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it)")
-    return 0
-
-
-def _run_demo(cfg, args) -> int:
-    from .study.reproduce import demo
-
-    res = demo(cfg)
-    print(res["markdown"])
-    print(f"report: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it); took {res['seconds']:.0f} s")
-    return 0
-
-
-def _run_embed(cfg, args) -> int:
-    from .teacher.embed import embed
-
-    cache = embed(cfg)
-    print(cache.path)
-    return 0
-
-
-def _run_fit(cfg, args) -> int:
-    from .fit.pipeline import fit_prompts
-
-    res = fit_prompts(cfg)
-    if args.json:
-        print(json.dumps(res, default=str))
-    else:
-        print((Path(res["out"]) / "REPORT.md").read_text(encoding="utf-8"), end="")
-    return 0
-
-
-def _run_make_pool(cfg, args) -> int:
-    from .data.example_pool import make_pool
-
-    res = make_pool(cfg)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        where = f"in {cfg.shards} tar shards" if cfg.shards else "in nested folders"
-        pool = f"'{res['pool']}'" if cfg.shards else res["pool"]  # braces: quoted for the shell
-        print(f"wrote {res['pool']}: {res['images']} images of all ten shapes10 classes {where}, "
-              f"{res['duplicates']} duplicates, {res['broken']} broken files ({res['matching_prompts']} images "
-              f"match a prompt)\nprompts for {', '.join(res['classes'])}: {res['prompts']}\nlabelled test images: "
-              f"{res['eval']}/test/ ({res['test_images']})\nnext: clipdistill fit-prompts --prompts {res['prompts']} "
-              f"--pool {pool} --eval {res['eval']} --out runs/my-classifier")
-    return 0
-
-
-def _run_teacher_eval(cfg, args) -> int:
-    from .teacher.evaluate import teacher_eval
-
-    res = teacher_eval(cfg)
-    if args.json:
-        print(json.dumps({k: v for k, v in res.items() if k != "config"}, default=str))
-    else:
-        print(f"teacher {cfg.teacher} on {cfg.dataset} test ({res['n_test']} images):")
-        print(f"  zero-shot (text prompts): {res['zero_shot_accuracy']:.2f}%")
-        lp = res["linear_probe_accuracy"]
-        print(f"  linear probe:             {lp:.2f}%" if lp is not None else
-              "  linear probe:             - (no labelled train/ images)")
-        print(f"wrote {res['path']}")
-    return 0
 
 
 VERBS.add("export", Verb(
@@ -241,7 +147,7 @@ VERBS.add("export", Verb(
     "  clipdistill export --run runs/RUN --size 224 --int8          # the study's 224 px setting\n"
     "  clipdistill export --run runs/RUN --int8 --int8-target tensorrt   # symmetric int8 for TensorRT\n"
     "  clipdistill export --teacher ViT-B-32 --pretrained random --out vit-b-32.onnx   # speed/memory only",
-    ".deploy.export:ExportConfig", ".deploy.export:run_cli", _json_flag))
+    ".deploy.export:ExportConfig", ".deploy.export:export", json=JSON_HELP, json_omit=("info",)))
 
 VERBS.add("compress", Verb(
     "QAT (INT8 Q/DQ) or 2:4 sparsity of a trained student, in the form TensorRT builds",
@@ -252,7 +158,7 @@ VERBS.add("compress", Verb(
     "trtexec command that builds it on a TensorRT machine.\n\n"
     "examples:\n  clipdistill compress --run runs/RUN --mode qat\n"
     "  clipdistill compress --run runs/RUN --mode sparse24 --epochs 5",
-    ".deploy.compress:CompressConfig", ".deploy.compress:run_cli", _json_flag))
+    ".deploy.compress:CompressConfig", ".deploy.compress:compress", ".deploy.compress:text", json=JSON_HELP))
 
 VERBS.add("bench", Verb(
     "throughput, latency and memory of ONNX models per backend; the student/teacher table",
@@ -263,7 +169,8 @@ VERBS.add("bench", Verb(
     "examples:\n  clipdistill bench --model runs/RUN/model-224px.onnx --model vit-b-32.onnx\n"
     "  clipdistill bench --model runs/RUN/model.int8.onnx --model runs/RUN/model.onnx --backend ort-cpu,torch\n"
     "  clipdistill bench --model student.onnx --backend trtexec     # on a Jetson or GPU machine",
-    ".deploy.bench:BenchConfig", ".deploy.bench:run_cli", _json_flag))
+    ".deploy.bench:BenchConfig", ".deploy.bench:bench", ".deploy.bench:text", json=JSON_HELP,
+    failures=".deploy.bench:failures"))
 
 VERBS.add("fit-prompts", Verb(
     "your classes in words + your unlabeled images -> a small deployable classifier, no labels",
@@ -277,7 +184,7 @@ VERBS.add("fit-prompts", Verb(
     "--out runs/demo-fit\n"
     "  clipdistill fit-prompts --teacher ViT-B-32 --pretrained laion2b_s34b_b79k --prompts classes.txt "
     "--pool ~/Pictures --out runs/mine",
-    ".fit.config:FitConfig", ".cli:_run_fit", _json_flag))
+    ".fit.config:FitConfig", ".fit.pipeline:fit_prompts", ".cli:_fit_text", json=JSON_HELP))
 
 VERBS.add("predict", Verb(
     "top-k classes per image from an exported ONNX model (ONNX Runtime, numpy and Pillow only)",
@@ -285,7 +192,76 @@ VERBS.add("predict", Verb(
     "batches; a file that cannot be read is skipped with a warning naming it.\n\n"
     "examples:\n  clipdistill predict --model runs/RUN/model.int8.onnx photos/\n"
     "  clipdistill predict --model model.onnx cat.jpg dog.png --top-k 3 --json",
-    ".deploy.predict:PredictConfig", ".deploy.predict_cli:run_cli", lambda p: _load(".deploy.predict_cli:cli_args")(p)))
+    ".deploy.predict:PredictConfig", ".deploy.predict:run", ".deploy.predict:text",
+    json="print the result as JSON (videos: one JSON line per frame, then, for a file shorter than its header says, "
+         "a line {source, truncated, frames_in_header, frames_read})",
+    inputs={"nargs": "*", "metavar": "IMAGE_FOLDER_OR_VIDEO",
+            "help": "image files, folders of images, and/or video files (.mp4, .avi, .mov, ...)"},
+    streams=True))
+
+
+# ------------------------------------------------------------------------------ results as text
+# The verbs whose stage modules carry no formatter (or run function returning a dict) of their own.
+
+def _embed(cfg) -> dict:
+    from .teacher.embed import embed
+
+    return {"path": str(embed(cfg).path)}
+
+
+def _embed_text(res: dict, cfg) -> str:
+    return res["path"]
+
+
+def _experiments(cfg) -> dict:
+    from .study.reproduce import list_experiments
+
+    return {"experiments": list_experiments()}
+
+
+def _experiments_text(res: dict, cfg) -> str:
+    return res["experiments"]
+
+
+def _run_text(res: dict, cfg) -> str:
+    """A trained or evaluated run in one line."""
+    acc = res["test_accuracy"]
+    where = f"test accuracy {acc:.2f}%" if res.get("n_test") and acc == acc else "no labelled test images"
+    return (f"{res['run_dir']}: {where}, teacher agreement {res['teacher_agreement']:.2f}% ({res['student']}, "
+            f"{res['method']}, head {res['head']}, data {res['data']})")
+
+
+def _report_text(res: dict, cfg) -> str:
+    return f"{res['markdown']}\nreport: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it)"
+
+
+def _demo_text(res: dict, cfg) -> str:
+    return (f"{res['markdown']}\nreport: {res['out']}/RESULTS.md (results.json, plot_*.png/svg beside it); took "
+            f"{res['seconds']:.0f} s")
+
+
+def _fit_text(res: dict, cfg) -> str:
+    return (Path(res["out"]) / "REPORT.md").read_text(encoding="utf-8").removesuffix("\n")  # print() ends the line
+
+
+def _pool_text(res: dict, cfg) -> str:
+    where = f"in {cfg.shards} tar shards" if cfg.shards else "in nested folders"
+    pool = f"'{res['pool']}'" if cfg.shards else res["pool"]  # braces: quoted for the shell
+    return (f"wrote {res['pool']}: {res['images']} images of all ten shapes10 classes {where}, "
+            f"{res['duplicates']} duplicates, {res['broken']} broken files ({res['matching_prompts']} images "
+            f"match a prompt)\nprompts for {', '.join(res['classes'])}: {res['prompts']}\nlabelled test images: "
+            f"{res['eval']}/test/ ({res['test_images']})\nnext: clipdistill fit-prompts --prompts {res['prompts']} "
+            f"--pool {pool} --eval {res['eval']} --out runs/my-classifier")
+
+
+def _teacher_eval_text(res: dict, cfg) -> str:
+    lp = res["linear_probe_accuracy"]
+    return "\n".join([
+        f"teacher {cfg.teacher} on {cfg.dataset} test ({res['n_test']} images):",
+        f"  zero-shot (text prompts): {res['zero_shot_accuracy']:.2f}%",
+        f"  linear probe:             {lp:.2f}%" if lp is not None else
+        "  linear probe:             - (no labelled train/ images)",
+        f"wrote {res['path']}"])
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -313,8 +289,10 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"clipdistill {verb}", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p, _load(v.config))
-    if v.extra:
-        v.extra(p)
+    if v.inputs is not None:
+        p.add_argument("inputs", **v.inputs)
+    if v.json is not None:
+        p.add_argument("--json", action="store_true", help=v.json)
     out = p.add_mutually_exclusive_group()
     out.add_argument("-v", "--verbose", action="store_true", help="also print debug details (with module names)")
     out.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and the result")
@@ -343,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup(1 if args.verbose else -1 if args.quiet else 0)
     try:
         cfg = from_namespace(_load(VERBS.get(verb).config), args)
-        return int(_load(VERBS.get(verb).run)(cfg, args) or 0)
+        return _run(VERBS.get(verb), cfg, args)
     except ConfigError as e:
         parser.error(str(e))  # exits 2, with usage
     except ClipDistillError as e:
@@ -362,6 +340,34 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"paths (a folder where a file is expected, or the reverse, or no permission)")
         return 1
     return 0
+
+
+def _show(result: dict, cfg, text, as_json: bool, flush: bool = False) -> None:
+    """A result (or a streamed item) on stdout: JSON, or the verb's text when it has any."""
+    if as_json:
+        print(json.dumps(result, default=str), flush=flush)
+        return
+    said = text(result, cfg) if text else None
+    if said:
+        print(said, flush=flush)
+
+
+def _run(v: Verb, cfg, args) -> int:
+    """config -> run -> stdout (text or --json), problems on stderr; the exit code."""
+    as_json = bool(getattr(args, "json", False))
+    text = _load(v.text) if v.text else None
+    kwargs: dict = {}
+    if v.inputs is not None:
+        kwargs["inputs"] = args.inputs
+    if v.streams:
+        kwargs["emit"] = lambda item: _show(item, cfg, text, as_json, flush=True)
+    result = _load(v.run)(cfg, **kwargs)
+    problems = _load(v.failures)(result) if v.failures else []
+    for line in problems:
+        _stderr(line)
+    if not v.streams:
+        _show({k: x for k, x in result.items() if k not in v.json_omit} if as_json else result, cfg, text, as_json)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

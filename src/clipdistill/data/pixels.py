@@ -1,6 +1,8 @@
 """uint8 pixels -> the float tensors models take, batched on the tensor (no PIL round trip
-per image). One home for it: the tiny teacher's pre-training, the student's input pipeline
-and the export's parity checks all go through here, so they cannot drift apart."""
+per image). One home for it in torch: the tiny teacher's pre-training and the student's input
+pipeline in training go through here, so they cannot drift apart. Deployment makes the same
+pixels in numpy and Pillow (deploy/inputs.py: the device has no torch), and a test
+(tests/test_inputs.py) holds the two together."""
 
 from __future__ import annotations
 

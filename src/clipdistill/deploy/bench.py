@@ -149,7 +149,7 @@ BACKENDS.add("trtexec", Backend("trtexec", "TensorRT's trtexec", _trtexec_missin
 def describe_model(path: str) -> dict:
     """What bench needs to know about an ONNX file: from its sidecar when there is one
     (cheap), else from the file itself (its metadata and input shape)."""
-    from .predict import check_onnx_file
+    from .model_file import check_onnx_file
 
     p = Path(path)
     check_onnx_file(p)  # a huge file that is not ONNX is refused before onnx.load reads it whole
@@ -255,37 +255,34 @@ def _worker_ort(spec: dict) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    provider = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
-                "ort-trt": "TensorrtExecutionProvider"}[spec["backend"]]
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if spec["threads"]:
-        so.intra_op_num_threads = spec["threads"]
+    from .runtime import session
+
+    provider = {"ort-cpu": "cpu", "ort-cuda": "cuda", "ort-trt": "tensorrt"}[spec["backend"]]
     options: dict = {}
     precision = spec["precision"]
-    if provider == "TensorrtExecutionProvider":
+    if provider == "tensorrt":
         int8 = precision == "int8"
         options = {"trt_fp16_enable": spec["trt_precision"] == "fp16", "trt_int8_enable": int8}
         precision = "+".join(p for p, on in (("int8", int8), ("fp16", spec["trt_precision"] == "fp16")) if on) \
             or "fp32"
-    providers = [(provider, options)] + ([("CPUExecutionProvider", {})] if provider != "CPUExecutionProvider" else [])
+    # Random input of the model's side: speed and memory do not depend on the pixels.
     x = np.random.default_rng(0).standard_normal((spec["batch"], 3, spec["size"], spec["size"]), dtype=np.float32)
     base = _status_kb("VmRSS")
     reset = _reset_peak()
-    sess = ort.InferenceSession(spec["model"], so, providers=providers)
+    sess = session(spec["model"], spec["threads"], provider, options)
     name = sess.get_inputs()[0].name
     times = _timed(lambda: sess.run(None, {name: x}), spec["warmup"], spec["iters"], spec["max_seconds"])
     peak = _peak_rss_kb()
     return {**_summary(times, spec["batch"]), "precision": precision, "memory_mb": (peak - base) / 1024.0,
             "memory_kind": "host RSS peak minus baseline" + ("" if reset else " (peak not reset)"),
-            "device": "cpu" if provider == "CPUExecutionProvider" else "cuda",
+            "device": "cpu" if provider == "cpu" else "cuda",
             "runtime": f"onnxruntime {ort.__version__} {sess.get_providers()[0]}"}
 
 
 def _worker_torch(spec: dict) -> dict:
     import torch
 
-    from .export import build_module
+    from .deployable import build_module
 
     # The model library is part of the runtime, not of the model: import it before the baseline.
     __import__("timm" if spec["arch"]["kind"] == "timm" else "open_clip")
@@ -515,29 +512,25 @@ def ratio_lines(rs: list[dict]) -> str:
         f"{r['batch']}: {r['fps_ratio']:.2f}x the throughput{_memory_words(r['memory_ratio'])}" for r in rs)
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- what a person reads
 
-def run_cli(cfg: BenchConfig, args) -> int:
-    res = bench(cfg)
-    failed = [r for r in res["records"] if r.get("error")]
-    # Exit 1 when a row failed (a skipped backend is not a failure): scripts must not take
-    # a table of errors for a measurement.
-    rc = 1 if failed else 0
-    if failed:
-        for r in failed:
-            print(f"failed: {r['model']} [{r['backend']}]: {r['error']}" +
-                  (" (a model exported with a fixed batch size needs that --batch)" if "dimension" in r["error"]
-                   else ""), file=sys.stderr)
-    if args.json:
-        print(json.dumps(res))
-        return rc
-    print(table(res["records"]))
+def failures(res: dict) -> list[str]:
+    """One line per row that failed (a skipped backend is not a failure): the command exits 1 on
+    any, so a script does not take a table of errors for a measurement."""
+    return [f"failed: {r['model']} [{r['backend']}]: {r['error']}" +
+            (" (a model exported with a fixed batch size needs that --batch)" if "dimension" in r["error"] else "")
+            for r in res["records"] if r.get("error")]
+
+
+def text(res: dict, cfg: Optional[BenchConfig] = None) -> str:
+    """The deployment table, the backends skipped and why, the student/teacher ratios, the file."""
+    parts = [table(res["records"])]
     if any(r.get("skipped") for r in res["records"]):
-        print("\n" + skipped_lines(res["records"]))
+        parts.append(skipped_lines(res["records"]))
     if res["ratios"]:
-        print("\nstudent / teacher:\n" + ratio_lines(res["ratios"]))
-    print(f"\nwrote {res['out']}")
-    return rc
+        parts.append("student / teacher:\n" + ratio_lines(res["ratios"]))
+    parts.append(f"wrote {res['out']}")
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

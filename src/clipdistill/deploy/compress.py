@@ -11,6 +11,8 @@ companion does, with NVIDIA Model Optimizer (`pip install 'clipdistill[compress]
   weights. TensorRT builds those layers with sparse tensor cores (`trtexec --sparsity=enable`);
   on a CPU, and in PyTorch for convolutions, 2:4 brings no speed: only the pattern is checked here.
 
+So compress is calibrate (or prune) -> fine-tune -> the same writer as export (writer.py): the
+student is loaded as export loads it (deployable.py), its encoder replaced by the compressed one.
 The fine-tune is `clipdistill train` itself (the run's config; 4 epochs at a third of the run's
 rate by default; in a fresh folder beside the run), so teaching, augmentation and validation are
 the run's. The ONNX file comes from the fine-tuned model in the same process (Q/DQ nodes for `ptq`/`qat`: the form
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,8 +35,14 @@ import torch
 from ..core import atomic
 from ..core.config import check, option
 from ..core.errors import ConfigError, MissingSplitError
+from ..core.metrics import accuracy
 from ..distill import checkpoint
 from ..distill.rundir import RunDir
+from .deployable import load_student
+from .inputs import prepare
+from .parity import ParityError, parity_inputs
+from .runtime import onnx_accuracy
+from .writer import FORMAT, converted, write
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +155,7 @@ def _accuracy(trainer) -> float:
     was = trainer.model.training
     s, _, y = trainer.predict(trainer.data.rows("test"))
     trainer.model.train(was)
-    keep = y >= 0
-    return float((s.argmax(1)[keep] == y[keep]).float().mean() * 100) if keep.any() else float("nan")
+    return accuracy(s.argmax(1), y)
 
 
 def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.ndarray, seeds: int = 20,
@@ -192,8 +198,6 @@ def check_test_agreement(result: dict, n_test: int) -> None:
     ref = result.get("fine_tuned_accuracy", result.get("ptq_accuracy"))
     allowed = max(1.0, 300.0 / max(1, n_test))
     if ref is not None and not abs(result["onnx_accuracy"] - ref) <= allowed:
-        from .export import ParityError
-
         raise ParityError(f"the ONNX file's test accuracy in ONNX Runtime ({result['onnx_accuracy']:.2f}%) is not "
                           f"PyTorch's ({ref:.2f}%) within {allowed:.2f} points on {n_test} images; nothing was "
                           f"written")
@@ -236,10 +240,6 @@ def _control(cfg: CompressConfig, run: RunDir, state: dict) -> float:
 
 
 def compress(cfg: CompressConfig) -> dict:
-    from .export import (_student_pixels, _torch_to_onnx, _write, check_parity, load_student, onnx_accuracy,
-                         parity_inputs)
-    from .predict import run_batches, session
-
     mtq, mts = modelopt()
     t0 = time.time()
     run = RunDir(cfg.run)
@@ -300,16 +300,13 @@ def compress(cfg: CompressConfig) -> dict:
         reference = loaded.module(torch.from_numpy(x)).numpy()
     out = cfg.out_path
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.temporary_folder(out.parent, "compress") as tmp:
-        tmp_path = tmp / "model.onnx"
-        exp = _torch_to_onnx(loaded.module, torch.from_numpy(x[:2]), tmp_path, "torchscript", 17)
-        sess = session(tmp_path)
-        envelope = 2 * rounding_envelope(loaded.module, torch.from_numpy(x), reference) \
-            if cfg.mode != "sparse24" else 0.0
-        parity = check_parity(reference, run_batches(sess, x, len(x)), cfg.tolerance, f" ({cfg.mode})", envelope)
+    envelope = 2 * rounding_envelope(loaded.module, torch.from_numpy(x), reference) if cfg.mode != "sparse24" else 0.0
+    with converted(loaded.module, x, reference, out.parent, "compress", "torchscript", 17, cfg.tolerance,
+                   f" ({cfg.mode})", envelope=envelope) as onnx_file:
+        tmp_path, exp, parity = onnx_file.path, onnx_file.exporter, onnx_file.parity
         test = trainer.outs.datasets["test"]
         imgs = test.pixels(info["trained_size"])
-        onnx_acc, _ = onnx_accuracy(sess, _student_pixels(imgs, info), np.asarray(test.targets))
+        onnx_acc, _ = onnx_accuracy(onnx_file.session, prepare(imgs, info["input"]), np.asarray(test.targets))
         result["onnx_accuracy"] = onnx_acc
         check_test_agreement(result, len(test.targets))
         import onnx
@@ -325,11 +322,11 @@ def compress(cfg: CompressConfig) -> dict:
             result["onnx_initializers_2to4"] = sum(f == 1.0 for f in fr if f is not None)
         precision = "int8-qdq" if cfg.mode != "sparse24" else "fp32-2:4"
         flags = "--int8 --fp16" if cfg.mode != "sparse24" else "--fp16 --sparsity=enable"
-        info = {**info, "format": info.get("format", "clipdistill-onnx/1"), "precision": precision, "exporter": exp,
+        info = {**info, "format": info.get("format", FORMAT), "precision": precision, "exporter": exp,
                 "parity": {**parity, "inputs": where}, "compression": result,
                 "trtexec": f"trtexec --onnx={out.name} {flags} --saveEngine={out.stem}.engine",
                 "accuracy": {"onnx_test_accuracy": onnx_acc, "source": f"ONNX Runtime CPU, {test.name} test"}}
-        _write(tmp_path, out, info)
+        write(tmp_path, out, info)
     result.update({"path": str(out), "trtexec": info["trtexec"], "seconds": round(time.time() - t0, 1)})
     atomic.write_json(out.with_suffix(".result.json"), result)
     log.info("wrote %s (%s): test accuracy %.2f%% in ONNX Runtime; on a TensorRT machine: %s", out, precision,
@@ -337,16 +334,9 @@ def compress(cfg: CompressConfig) -> dict:
     return result
 
 
-def run_cli(cfg: CompressConfig, args) -> int:
-    import json
-
-    res = compress(cfg)
-    if getattr(args, "json", False):
-        print(json.dumps(res, default=str))
-        return 0
+def text(res: dict, cfg: CompressConfig | None = None) -> str:
+    """The accuracies along the way, and the command that builds the file with TensorRT."""
     keys = [k for k in ("dense_fp32_accuracy", "control_fp32_accuracy", "ptq_accuracy", "pruned_accuracy",
                         "fine_tuned_accuracy", "onnx_accuracy") if k in res]
-    print(f"{res['path']}: " + ", ".join(f"{k.replace('_accuracy', '').replace('_', ' ')} {res[k]:.2f}%"
-                                         for k in keys))
-    print(f"TensorRT: {res['trtexec']}")
-    return 0
+    return (f"{res['path']}: " + ", ".join(f"{k.replace('_accuracy', '').replace('_', ' ')} {res[k]:.2f}%"
+                                           for k in keys) + f"\nTensorRT: {res['trtexec']}")

@@ -1,46 +1,41 @@
-"""`clipdistill predict --model model.onnx IMAGE_OR_FOLDER ...`: top-k classes per image.
+"""`clipdistill predict --model model.onnx IMAGE_FOLDER_OR_VIDEO ...`: top-k classes per image.
 
 This is what runs on the edge device, so at run time it needs only ONNX Runtime, numpy
 and Pillow (no torch, no timm, no open_clip): everything it must know — input size,
 normalisation, resize rule, class names — travels inside the ONNX file's metadata,
-written by `clipdistill export`. Folders are read in batches; a file that cannot be
-decoded is skipped with a warning naming it, and the rest are still answered.
+written by `clipdistill export`, and is checked before it is used (model_file.py). Folders
+are read in batches; a file that cannot be decoded is skipped with a warning naming it, and
+the rest are still answered. Videos and cameras go frame by frame (video.py), on the same
+open model.
 
-The preprocessing mirrors training: students see the image stretched to size x size
-(bilinear, antialiased: `students.prepare_images`), CLIP teachers the shortest side
-resized (bicubic) then a centre crop (open_clip's transform).
+The pixels are made as the metadata's input record says (inputs.py, the one numpy home of the
+deployed input pipeline): students see the image stretched to size x size (bilinear,
+antialiased, as training renders it with torch in the trainer's `student_pixels`;
+tests/test_inputs.py holds the two together), CLIP teachers the shortest side resized (bicubic) then a centre crop
+(open_clip's transform). Each answer, and its "none of these", is reject.py's.
 
-A model file is input like any other. Before ONNX Runtime reads it, its size and its
-top-level protobuf fields are checked (`check_onnx_file`: a few bytes read, whatever the
-file's size), so a multi-gigabyte file that is not ONNX is refused at once instead of being
-read into memory whole. The metadata read back is checked too (`check_metadata`): a tampered
-`reject_threshold` (NaN, -1, 1e9) would silently never or always reject, and `classes` given
-as a string or shorter than the logits would print letters or wrong names.
-
-The reject threshold is calibrated when the model is made (`otsu`, `calibrate_reject`: the
-teacher's "matches a prompt" call reproduced on the student's top probability, the rule
-`answer` applies), by fit-prompts (fit/quality.py) and by a re-prompted export."""
+A video file shorter than its header says is a warning, and with --json one more line after its
+frames (`truncated`, both counts), so a script reading the lines learns it too."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
-import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..core.config import check, option
 from ..core.errors import ConfigError, MissingResourceError
 from ..data.images import UnreadableImage, display_path, open_rgb
+from .inputs import preprocess
+from .model_file import check_metadata, read_metadata
+from .reject import answer, softmax
+from .runtime import PROVIDERS, run_batches, session
+from .video import is_video, predict_video
 
 log = logging.getLogger(__name__)
-
-METADATA_KEY = "clipdistill"
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 @dataclasses.dataclass
@@ -85,248 +80,6 @@ class PredictConfig:
         return float(self.reject)
 
 
-# ----------------------------------------------------------------------------- sessions
-
-def session(path: str | os.PathLike | bytes, threads: int = 0, provider: str = "cpu"):
-    """An ONNX Runtime session on one provider (CPU is always added as the fallback)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    if provider == "auto":
-        provider = "cuda" if PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"
-    name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        raise ConfigError(f"--provider {provider}: onnxruntime {ort.__version__} here has no {name} "
-                          f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu "
-                          f"or use --provider cpu")
-    providers = [name] + (["CPUExecutionProvider"] if name != "CPUExecutionProvider" else [])
-    if not isinstance(path, bytes):
-        check_onnx_file(path)
-    try:
-        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=providers)
-    except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for unreadable models
-        raise ConfigError(f"--model {path if not isinstance(path, bytes) else '(in memory)'}: ONNX Runtime cannot "
-                          f"load it ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); give an "
-                          f"ONNX file written by `clipdistill export`") from None
-
-
-# ModelProto's fields (onnx.proto) and their protobuf wire types (0 varint, 2 length-delimited);
-# a field number not listed (a newer ONNX) may have any valid wire type.
-_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
-_PROTOBUF_LIMIT = 2**31 - 1  # protobuf parses no larger message: bigger models keep their weights outside
-
-
-def _varint(f) -> Optional[int]:
-    value = 0
-    for shift in range(0, 64, 7):
-        b = f.read(1)
-        if not b:
-            return None
-        value |= (b[0] & 0x7F) << shift
-        if b[0] < 0x80:
-            return value
-    return None
-
-
-def _onnx_problem(path: Path, size: int) -> Optional[str]:
-    """Why `path` cannot be an ONNX model, from its size and its top-level fields alone (each
-    field's tag and length are read, its content skipped), or None."""
-    if size == 0:
-        return "the file is empty"
-    if size > _PROTOBUF_LIMIT:
-        return (f"{size / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one ONNX file; a larger model keeps its "
-                f"weights in external data files beside a small .onnx")
-    seen = set()
-    with open(path, "rb") as f:
-        for _ in range(100_000):
-            at = f.tell()
-            if at == size:
-                break
-            tag = _varint(f)
-            number, wire = (tag >> 3, tag & 7) if tag is not None else (0, -1)
-            if number == 0 or wire not in (0, 1, 2, 5) or _MODEL_FIELDS.get(number, wire) != wire:
-                return f"byte {at} starts no ONNX model field (protobuf tag {tag})"
-            if wire == 0:
-                if _varint(f) is None:
-                    return f"the field at byte {at} is cut short"
-            else:
-                length = {1: 8, 5: 4}.get(wire) or _varint(f)
-                if length is None or f.tell() + length > size:
-                    return f"the field at byte {at} runs past the end of the file"
-                f.seek(length, 1)
-            seen.add(number)
-        else:
-            return "more than 100000 top-level fields"
-    missing = [name for n, name in ((1, "ir_version"), (7, "graph")) if n not in seen]
-    return f"it has no {' and no '.join(missing)}" if missing else None
-
-
-def check_onnx_file(path: str | os.PathLike, flag: str = "--model") -> None:
-    """Refuse, cheaply and before any runtime reads it, a file that cannot be an ONNX model
-    (ConfigError naming it): see the module's docstring."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{flag} {path}: no such file; give an ONNX file written by `clipdistill export`")
-    try:
-        problem = _onnx_problem(p, p.stat().st_size)
-    except OSError as e:
-        problem = f"it cannot be read: {e.strerror}"
-    if problem:
-        raise ConfigError(f"{flag} {path}: not an ONNX model ({problem}); give an ONNX file written by "
-                          f"`clipdistill export`")
-
-
-def read_metadata(sess, where: str = "--model") -> dict:
-    """The export's description of the model (input spec, classes, ...), or {} for a
-    foreign ONNX file."""
-    meta = sess.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in meta:
-        return {}
-    try:
-        got = json.loads(meta[METADATA_KEY])
-    except ValueError as e:
-        raise ConfigError(f"{where}: metadata field `{METADATA_KEY}` is not JSON ({e}); valid: the JSON object "
-                          f"`clipdistill export` writes. Export the model again") from None
-    if not isinstance(got, dict):
-        raise ConfigError(f"{where}: metadata field `{METADATA_KEY}` is a {type(got).__name__}; valid: the JSON "
-                          f"object `clipdistill export` writes. Export the model again")
-    return got
-
-
-_RESIZE = ("stretch", "shortest-center-crop")
-_INTERPOLATION = ("bilinear", "bicubic", "nearest")
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def metadata_problem(meta: dict, n_logits: Optional[int]) -> Optional[tuple[str, str, str]]:
-    """(field, what it holds, what is valid) of the first field `predict` cannot trust, or None."""
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
-        return "classes", repr(classes)[:60], "a non-empty list of class names (strings)"
-    if n_logits is not None and len(classes) != n_logits:
-        return "classes", f"{len(classes)} names", f"one name per logit of the model's output ({n_logits})"
-    if "reject_threshold" in meta:
-        r = meta["reject_threshold"]
-        if not (_finite(r) and 0 <= r < 1):
-            return "reject_threshold", repr(r), "a number in [0, 1) (0 = never reject)"
-    spec = meta.get("input")
-    if not isinstance(spec, dict):
-        return "input", repr(spec)[:60], "the preprocessing record (size, mean, std, resize, interpolation)"
-    size = spec.get("size")
-    if not (isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 8192):
-        return "input.size", repr(size), "a whole number of pixels, 1 to 8192"
-    for key, positive in (("mean", False), ("std", True)):
-        v = spec.get(key)
-        if not (isinstance(v, list) and len(v) == 3 and all(_finite(x) and (x > 0 or not positive) for x in v)):
-            return f"input.{key}", repr(v)[:60], "3 finite numbers (R, G, B)" + (", each > 0" if positive else "")
-    if spec.get("resize", "stretch") not in _RESIZE:
-        return "input.resize", repr(spec.get("resize")), " or ".join(_RESIZE)
-    if spec.get("interpolation", "bilinear") not in _INTERPOLATION:
-        return "input.interpolation", repr(spec.get("interpolation")), ", ".join(_INTERPOLATION)
-    return None
-
-
-def check_metadata(meta: dict, model: str, sess=None) -> dict:
-    """`meta` when every field `predict` uses is one export could have written (ConfigError
-    naming the file, the field and what is valid otherwise): see the module's docstring."""
-    n_logits = None
-    if sess is not None:
-        shape = sess.get_outputs()[0].shape
-        n_logits = shape[-1] if shape and isinstance(shape[-1], int) else None
-    problem = metadata_problem(meta, n_logits)
-    if problem:
-        field, got, valid = problem
-        raise ConfigError(f"--model {model}: metadata field `{field}` is {got}; valid: {valid}. The file was edited "
-                          f"or damaged: export the model again (`clipdistill export`)")
-    return meta
-
-
-def run_batches(sess, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
-
-
-# ----------------------------------------------------------------------------- pixels
-
-def preprocess(img, spec: dict) -> np.ndarray:
-    """RGB PIL image -> float32 (3, S, S), as the model's metadata says."""
-    from PIL import Image
-
-    size = int(spec["size"])
-    interp = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[
-        spec.get("interpolation", "bilinear")]
-    if spec.get("resize", "stretch") == "shortest-center-crop":
-        w, h = img.size
-        # torchvision's Resize(int): the short side becomes `size`, the long side is truncated.
-        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), interp)
-        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-        img = img.crop((left, top, left + size, top + size))
-    elif img.size != (size, size):
-        img = img.resize((size, size), interp)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    mean = np.asarray(spec["mean"], dtype=np.float32)
-    std = np.asarray(spec["std"], dtype=np.float32)
-    return ((x - mean) / std).transpose(2, 0, 1)
-
-
-NONE_LABEL = "none of these"
-
-
-def answer(p: np.ndarray, classes: list[str], k: int, reject: float) -> dict:
-    """One image's (or frame's) answer: the top k, and its label: the top class, or
-    `none of these` when its probability is under `reject` (0 = never)."""
-    order = np.argsort(-p, kind="stable")[:k]
-    top = [{"class": classes[i], "prob": float(p[i])} for i in order]
-    rejected = bool(reject > 0 and p[order[0]] < reject)
-    return {"label": NONE_LABEL if rejected else top[0]["class"], "rejected": rejected, "top": top}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def otsu(values: np.ndarray, bins: int = 256) -> float:
-    """The cut that best splits `values` into two groups (max between-class variance)."""
-    v = np.asarray(values, dtype=np.float64)
-    hist, edges = np.histogram(v, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
-    # Every cut inside an empty gap between the groups splits them alike: take the gap's middle.
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)
-
-
-def calibrate_reject(student_top: np.ndarray, teacher_match: np.ndarray) -> dict:
-    """The student's top-probability threshold that best reproduces the teacher's matches."""
-    if teacher_match.all() or not teacher_match.any():
-        return {"reject_threshold": 0.0, "balanced_agreement": None,
-                "why": "the teacher finds every held-out image alike (all match or none): nothing to calibrate on"}
-    u = np.unique(student_top)
-    pos, neg = teacher_match.sum(), (~teacher_match).sum()
-    acc = np.array([0.5 * (((student_top >= t) & teacher_match).sum() / pos + ((student_top < t) & ~teacher_match).sum()
-                           / neg) for t in u])
-    j = int(np.argmax(acc))
-    # between the last value rejected and the first accepted, not on an observed value
-    threshold = float((u[j - 1] + u[j]) / 2) if j > 0 else 0.0
-    return {"reject_threshold": threshold, "balanced_agreement": float(acc[j] * 100)}
-
-
 # ----------------------------------------------------------------------------- files
 
 def list_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
@@ -369,17 +122,14 @@ def open_model(model: str, threads: int = 0, provider: str = "auto"):
     return sess, check_metadata(meta, model, sess)
 
 
-def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32, threads: int = 0,
-            provider: str = "auto", reject: float = 0.0) -> dict:
-    """{"model", "classes", "results": [{"path", "label", "rejected", "top": [{"class", "prob"}]}], "skipped"}.
-    `label` is the top class, or "none of these" when its probability is under `reject`."""
-    sess, meta = open_model(model, threads, provider)
+def classify(sess, meta: dict, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32, reject: float = 0.0,
+             model: str = "") -> dict:
+    """`predict` on a model already open (`open_model`): what it returns."""
     classes = meta["classes"]
     k = min(top_k, len(classes))
     files, skipped = list_images(inputs)
     for s in skipped:
         log.warning("warning: skipped %s: %s", s["path"], s["error"])
-    name = sess.get_inputs()[0].name
     results = []
     stream = _decoded(files, meta["input"], skipped)
     while True:
@@ -387,7 +137,7 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int =
         if not chunk:
             break
         x = np.stack([a for _, a in chunk])
-        probs = softmax(sess.run(None, {name: x})[0].astype(np.float64))
+        probs = softmax(run_batches(sess, x, len(x)).astype(np.float64))
         for (path, _), p in zip(chunk, probs):
             results.append({"path": display_path(path), **answer(p, classes, k, reject)})
     if not results:
@@ -395,3 +145,70 @@ def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int =
                                    (f" ({len(skipped)} skipped)" if skipped else ""))
     return {"model": str(model), "classes": classes, "reject_threshold": reject, "results": results,
             "skipped": skipped}
+
+
+def predict(model: str, inputs: Sequence[str], top_k: int = 5, batch_size: int = 32, threads: int = 0,
+            provider: str = "auto", reject: float = 0.0) -> dict:
+    """{"model", "classes", "results": [{"path", "label", "rejected", "top": [{"class", "prob"}]}], "skipped"}.
+    `label` is the top class, or "none of these" when its probability is under `reject`."""
+    sess, meta = open_model(model, threads, provider)
+    return classify(sess, meta, inputs, top_k, batch_size, reject, model)
+
+
+# ----------------------------------------------------------------------------- the verb
+
+TRUNCATED_FIELDS = ("source", "truncated", "frames_in_header", "frames_read")
+
+
+def run(cfg: PredictConfig, inputs: Sequence[str] = (), emit: Optional[Callable[[dict], None]] = None) -> dict:
+    """`clipdistill predict`: images and folders, then videos, then the camera, on one open model.
+    `emit` gets each answer as it comes: the images' result (`classify`'s) once they are all
+    answered, then each frame's, and after a video file shorter than its header says, its
+    `TRUNCATED_FIELDS`. Returns {"model", "images": the images' result or None, "videos": [...]}."""
+    emit = emit or (lambda item: None)
+    if not inputs and cfg.camera < 0:
+        raise ConfigError("give images, folders or videos to predict on, or --camera 0")
+    videos = [i for i in inputs if is_video(i) and Path(i).is_file()]
+    images = [i for i in inputs if i not in videos]
+    sess, meta = open_model(cfg.model, cfg.threads, cfg.provider)
+    reject = cfg.reject_threshold(meta)
+    if reject:
+        log.info("'%s' below top probability %.3f (--reject %s)", "none of these", reject, cfg.reject)
+    elif cfg.reject == "auto" and (meta.get("reject_calibration") or {}).get("why"):
+        log.info("--reject auto: %s (%s)", meta["reject_calibration"]["why"], meta["reject_calibration"].get("how"))
+    done: dict = {"model": cfg.model, "images": None, "videos": []}
+    if images:
+        res = classify(sess, meta, images, cfg.top_k, cfg.batch_size, reject, cfg.model)
+        emit(res)
+        log.info("%d images%s", len(res["results"]), f", {len(res['skipped'])} skipped (see warnings)"
+                 if res["skipped"] else "")
+        done["images"] = res
+    k = min(cfg.top_k, len(meta["classes"]))
+    for src in videos + ([cfg.camera] if cfg.camera >= 0 else []):
+        try:
+            res = predict_video(sess, meta, src, k, reject, cfg.batch_size, cfg.stride, cfg.max_frames,
+                                cfg.annotate or None, on_frame=emit)
+        except KeyboardInterrupt:  # Ctrl-C ends a camera, and the command goes on
+            if not isinstance(src, int):
+                raise
+            continue
+        if res["truncated"]:
+            emit({f: res[f] for f in TRUNCATED_FIELDS})
+        done["videos"].append(res)
+    return done
+
+
+def _line(ans: dict, where: str) -> str:
+    mark = f"{ans['label']} | " if ans["rejected"] else ""
+    return f"{where}: {mark}" + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in ans["top"])
+
+
+def text(item: dict, cfg: Optional[PredictConfig] = None) -> Optional[str]:
+    """What `run` emits, as a person reads it: one line per image or frame. A truncated video's
+    record is None: a warning has said it, and --json prints it for scripts."""
+    if "results" in item:
+        return "\n".join(_line(r, r["path"]) for r in item["results"])
+    if "frame" in item:
+        when = f" ({item['time']:.2f} s)" if item["time"] is not None else ""
+        return _line(item, f"{item['source']} frame {item['frame']}{when}")
+    return None

@@ -1,8 +1,8 @@
 """Predict on video files and cameras, frame by frame, as the companion's live demo.
 
 OpenCV (the headless build: no GUI libraries on a device) decodes files and opens cameras;
-each frame goes through the same preprocessing as an image file (`predict.preprocess`, from
-the model's metadata), so a frame and the same picture saved as PNG get the same answer.
+each frame goes through the same preprocessing as an image file (inputs.py, from the model's
+metadata), so a frame and the same picture saved as PNG get the same answer.
 Files are run in batches (throughput); cameras one frame at a time (latency). An annotated
 copy of the video, with the top class written on each frame, is optional.
 
@@ -21,6 +21,9 @@ from typing import Callable, Iterator, Optional, Union
 import numpy as np
 
 from ..core.errors import ConfigError
+from .inputs import prepare
+from .reject import answer, softmax
+from .runtime import run_batches
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +87,12 @@ def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: flo
                   stride: int = 1, max_frames: int = 0, annotate: Optional[str] = None,
                   on_frame: Optional[Callable[[dict], None]] = None) -> dict:
     """Run the model on a video file or camera; `on_frame` gets each frame's answer as it comes."""
-    from PIL import Image
-
-    from .predict import answer, preprocess, softmax
-
     cv2 = _cv2()
     cap = open_capture(source)
     fps_in = cap.get(cv2.CAP_PROP_FPS) or 25.0
     in_header = None if isinstance(source, int) else header_frames(cap)
     read: dict = {}
     writer = None
-    name = sess.get_inputs()[0].name
     classes = meta["classes"]
     live = isinstance(source, int)
     batch = 1 if live else batch_size
@@ -103,8 +101,8 @@ def predict_video(sess, meta: dict, source: Union[str, int], k: int, reject: flo
 
     def flush() -> None:
         nonlocal writer
-        x = np.stack([preprocess(Image.fromarray(f), meta["input"]) for _, _, f in pending])
-        probs = softmax(sess.run(None, {name: x})[0].astype(np.float64))
+        x = prepare(np.stack([f for _, _, f in pending]), meta["input"])
+        probs = softmax(run_batches(sess, x, len(x)).astype(np.float64))
         for (i, t, frame), p in zip(pending, probs):
             ans = {"source": str(source), "frame": i, "time": None if t != t else round(t, 3),
                    **answer(p, classes, k, reject)}

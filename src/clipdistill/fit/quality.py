@@ -18,7 +18,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..deploy.predict import calibrate_reject, otsu, softmax
+from ..core.metrics import agreement, percent
+from ..deploy.reject import calibrate_reject, otsu, softmax
 from ..teacher.curate import best_similarity
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,14 @@ def assess(student_logits: np.ndarray, teacher_emb: np.ndarray, text_emb: np.nda
     reject = calibrate_reject(top, match)
     return {
         "held_out_images": int(len(s_pred)),
-        "agreement": float((s_pred == t_pred).mean() * 100),
-        "agreement_where_teacher_matches": float((s_pred[match] == t_pred[match]).mean() * 100) if match.any() else None,
+        "agreement": agreement(s_pred, t_pred),
+        "agreement_where_teacher_matches": agreement(s_pred[match], t_pred[match]) if match.any() else None,
         "confusion_vs_teacher": {"rows": "teacher's class", "columns": "student's class", "classes": classes,
                                  "counts": confusion.tolist()},
         "teacher_similarity_cut": cut,
-        "pool_matching_share": float((pool_similarity >= cut).mean() * 100),
+        "pool_matching_share": percent(pool_similarity >= cut),
         **reject,
-        "rejected_share_held_out": float((top < reject["reject_threshold"]).mean() * 100),
+        "rejected_share_held_out": percent(top < reject["reject_threshold"]),
     }
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core import metrics
 from ..core.errors import ConfigError
 from ..core.state import StateFileError, read_state, write_state
 
@@ -90,7 +91,7 @@ def train_linear_probe(emb: np.ndarray, labels: np.ndarray, num_classes: int, cf
         with torch.no_grad():
             xs, ys = (xh, yh) if len(yh) else (xt, yt)
             out = probe(xs)
-            acc = (out.argmax(1) == ys).float().mean().item() * 100
+            acc = metrics.accuracy(out.argmax(1), ys)
             val_loss = F.cross_entropy(out, ys).item()
         history.append({"epoch": epoch + 1, "holdout_accuracy": acc, "holdout_loss": val_loss})
         if (acc, -val_loss) > (best[0], -best[1]):
@@ -137,14 +138,11 @@ def text_embeddings_path(cache_dir: str | Path, teacher_slug: str, prompts: list
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[float, list[float]]:
-    """Top-1 accuracy in percent, overall and per class (NaN for absent classes)."""
+    """Top-1 accuracy in percent (core.metrics: unknown labels left out), overall and per class
+    (NaN for absent classes)."""
     pred = logits.argmax(1)
-    correct = (pred == labels).float()
-    per_class = []
-    for c in range(num_classes):
-        m = labels == c
-        per_class.append(float(correct[m].mean() * 100) if m.any() else float("nan"))
-    return float(correct.mean() * 100), per_class
+    per_class = metrics.per_class_accuracy(pred, labels, [str(c) for c in range(num_classes)])
+    return metrics.accuracy(pred, labels), [float("nan") if v is None else v for v in per_class.values()]
 
 
 # ----------------------------------------------------------------------------- heads as data
