@@ -27,10 +27,11 @@ from clipdistill.study.experiments import SUITES  # noqa: E402
 
 def _epoch(cfg) -> tuple[float, float, object]:
     """(seconds of Trainer set-up incl. any views pass, seconds of one epoch, trainer)."""
+    from clipdistill.distill.context import RunContext
     from clipdistill.distill.trainer import Trainer
 
     t0 = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(RunContext(cfg))
     t1 = time.perf_counter()
     trainer.fit()
     return t1 - t0, time.perf_counter() - t1, trainer
@@ -38,7 +39,7 @@ def _epoch(cfg) -> tuple[float, float, object]:
 
 def shapes10_rows(args) -> list[dict]:
     from clipdistill.distill.config import TrainConfig
-    from clipdistill.distill.teaching import _measure
+    from clipdistill.distill.teaching import measure_costs
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,14 +62,14 @@ def shapes10_rows(args) -> list[dict]:
                                                            out=f"{tmp}/{mode}{r}"))
                 got = best.setdefault(mode, [setup, epoch])
                 got[1] = min(got[1], epoch)
-                for cache in trainer.teaching.view_caches.values():
+                for cache in (trainer.teaching.caches.values() if mode == "views" else ()):
                     if r == args.rounds - 1:
                         shutil.rmtree(cache.path, ignore_errors=True)
-        n = len(trainer.train_rows)
+        n = len(trainer.ctx.train_rows)
         for mode, (setup, epoch) in best.items():
             rows.append({"pair": "tiny-shapes -> resnet10t @32 px (shapes10)", "mode": mode,
                          "one-time s": f"{setup:.1f}", "epoch s": f"{epoch:.1f}", "images": str(n)})
-        costs = _measure(trainer)
+        costs = measure_costs(trainer.ctx)
         epochs = SUITES.get("shapes10").patient["epochs"]
         picked = costs.pick(8, epochs)
         rows.append({"pair": "tiny-shapes -> resnet10t @32 px (shapes10)", "mode": f"auto ({epochs} epochs) -> {picked}",

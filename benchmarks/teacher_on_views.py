@@ -35,28 +35,29 @@ def main() -> None:
     from clipdistill.data.pixels import to_float
     from clipdistill.distill.augment import AUGMENTATIONS, identity_views, sample_views
     from clipdistill.distill.data import Rows
-    from clipdistill.distill.trainer import Trainer
+    from clipdistill.distill.context import RunContext
+    from clipdistill.distill.teaching import teacher_pixels
     from clipdistill.study.experiments import build_config
 
     with tempfile.TemporaryDirectory() as tmp:
         # the suite's student row builds the teacher, its caches and the probe exactly as training does
         cfg = build_config("shapes10", "recipe_online", cache_dir=args.cache_dir, out=f"{tmp}/run", progress=False)
-        trainer = Trainer(cfg)
-    k = trainer.data.names.index("test")
-    n = min(args.images, len(trainer.data.images[k]))
-    imgs, labels, _ = trainer.data.gather(Rows(np.full(n, k), np.arange(n)))
+        ctx = RunContext(cfg)
+    k = ctx.data.names.index("test")
+    n = min(args.images, len(ctx.data.images[k]))
+    imgs, labels, _ = ctx.data.gather(Rows(np.full(n, k), np.arange(n)))
     x = to_float(imgs)
-    teacher = trainer.outs.teacher
-    text = trainer.outs.text_head(teacher.logit_scale)
+    teacher = ctx.outs.teacher
+    text = ctx.outs.text_head(teacher.logit_scale)
     rows = []
     with torch.inference_mode():
         for name in ["none", *[a for a in AUGMENTATIONS if a != "none"]]:
             views = identity_views(n) if name == "none" else sample_views(n, AUGMENTATIONS.get(name),
                                                                           torch.Generator().manual_seed(0))
-            emb = torch.cat([trainer.teaching.encode(x[i:i + 256], views[i:i + 256], None)
+            emb = torch.cat([teacher.encode_images(teacher_pixels(teacher, x[i:i + 256], views[i:i + 256]))
                              for i in range(0, n, 256)]).float()
             acc = {h: float((head(emb).argmax(1) == labels).float().mean() * 100)
-                   for h, head in (("text", text), ("linear", trainer.teacher_head))}
+                   for h, head in (("text", text), ("linear", ctx.teacher_head))}
             rows.append({"view": name, "summary": AUGMENTATIONS.get(name).summary,
                          "zero-shot %": f"{acc['text']:.2f}", "linear probe %": f"{acc['linear']:.2f}"})
     print(f"teacher {teacher.slug} on {n} shapes10 test images, one seeded draw of each view")

@@ -118,14 +118,15 @@ def test_the_teacher_sees_exactly_the_students_augmented_view(tmp_path, cache_di
 
     monkeypatch.setattr(Teacher, "encode_images", spy)
     cfg = _small(cache_dir, trained_teacher_file, tmp_path, "online", epochs=1, teaching="online", amp="fp32")
+    from clipdistill.distill.context import RunContext
     from clipdistill.distill.trainer import Trainer
 
-    trainer = Trainer(cfg)
-    trainer.model.register_forward_pre_hook(lambda m, args: seen["student"].append(args[0].detach().float().clone())
-                                            if m.training else None)
+    trainer = Trainer(RunContext(cfg))
+    trainer.ctx.model.register_forward_pre_hook(lambda m, args: seen["student"].append(args[0].detach().float().clone())
+                                                if m.training else None)
     seen["teacher"].clear()
     trainer.fit()
-    tmean, tstd = trainer.outs.teacher.normalization
+    tmean, tstd = trainer.ctx.outs.teacher.normalization
     n = min(len(seen["teacher"]), len(seen["student"]))
     assert n == trainer.steps_per_epoch
     for t, s in zip(seen["teacher"][:n], seen["student"][:n]):

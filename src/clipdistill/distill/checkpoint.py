@@ -9,7 +9,10 @@ without running their code.
 Loading one into a model goes through `load_model`: a checkpoint of another student, or of
 the same student with another number of classes (the prompts changed since), is one line that
 names the file, the first tensor that does not fit, both shapes and the likely cause, where
-torch's `load_state_dict` prints every mismatching tensor under a traceback."""
+torch's `load_state_dict` prints every mismatching tensor under a traceback.
+
+What the dict in a file means is record.py's job: `read_student` / `write_student` go through it,
+so no stage reads a checkpoint's keys by hand."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 
 from ..core.errors import ClipDistillError
 from ..core.state import StateFileError, read_state, write_state
+from .record import StudentRecord, TrainingState, arch_of, weights_of
 
 
 class CheckpointMismatchError(ClipDistillError):
@@ -67,6 +71,23 @@ def load(path: str | Path) -> Optional[dict]:
     return read_state(path, "checkpoint")
 
 
+def read_student(path: str | Path) -> Optional[StudentRecord]:
+    """The student record in the checkpoint at `path` (None when there is none)."""
+    state = load(path)
+    return None if state is None else StudentRecord.from_state(state, path)
+
+
+def read_last(path: str | Path) -> Optional[tuple[StudentRecord, TrainingState]]:
+    """The record and the training state of a `last` checkpoint (None when there is none)."""
+    state = load(path)
+    return None if state is None else (StudentRecord.from_state(state, path), TrainingState.from_state(state, path))
+
+
+def write_student(path: str | Path, record: StudentRecord, training: Optional[TrainingState] = None) -> Path:
+    """Write `record` (and, for `last`, the training state) atomically."""
+    return save(path, **record.to_state(), **(training.to_state() if training is not None else {}))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -79,9 +100,9 @@ def _arch(model: torch.nn.Module) -> str:
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
 
-def _cause(model: torch.nn.Module, state: dict, name: str) -> str:
+def _cause(model: torch.nn.Module, state: StudentRecord | dict, name: str) -> str:
     """Why a tensor would not fit: another architecture, or another width of the output layer."""
-    file_arch = (state.get("config") or {}).get("student")
+    file_arch = arch_of(state)
     now_arch = _arch(model)
     if file_arch and file_arch != now_arch:
         return (f"the file holds a {file_arch} and this is a {now_arch}: a checkpoint of a run with another "
@@ -93,12 +114,12 @@ def _cause(model: torch.nn.Module, state: dict, name: str) -> str:
     return "the same architecture built differently: another timm version, or a damaged file"
 
 
-def load_model(model: torch.nn.Module, state: dict, path: str | Path) -> torch.nn.Module:
-    """Load checkpoint `state`'s weights (`state["model"]`, read from `path`) into `model`
-    (unwrapped from DDP), or raise CheckpointMismatchError naming the first tensor that does not
-    fit, both shapes and the likely cause. Returns the unwrapped model."""
+def load_model(model: torch.nn.Module, state: StudentRecord | dict, path: str | Path) -> torch.nn.Module:
+    """Load the weights of a checkpoint (its record, or the raw dict `load` returns), read from
+    `path`, into `model` (unwrapped from DDP), or raise CheckpointMismatchError naming the first
+    tensor that does not fit, both shapes and the likely cause. Returns the unwrapped model."""
     target = unwrap(model)
-    weights = state.get("model") if isinstance(state, dict) else None
+    weights = weights_of(state)
     if not isinstance(weights, dict):
         raise StateFileError(f"{path} holds no model weights; move it away")
     own = target.state_dict()

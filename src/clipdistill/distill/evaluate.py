@@ -1,23 +1,30 @@
 """The final report of a student, on the test split (`clipdistill eval --run DIR`).
 
-Loads `best` (picked on validation), then measures top-1 accuracy overall and per class,
-and the agreement with the teacher's head, into RUN/result.json; writes the timm-loadable
-student (portable.py) beside it."""
+Evaluating a run reads what the run recorded and changes nothing it did not compute: the
+student and its head come from `best` (picked on validation), the data and the head's classes
+from the run's config (a `RunContext`, not a trainer: the teacher is neither timed nor run on
+any image, the caches hold its outputs), the teaching mode and what `--teaching auto` measured
+from the checkpoint. It measures top-1 accuracy overall and per class, and the agreement with
+the teacher's head, into RUN/result.json (everything else there stays as the run wrote it), and
+writes the timm-loadable student (portable.py) beside it."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Optional
 
 from ..core import atomic
 from ..core.config import check, option
 from ..core.errors import ConfigError, MissingResourceError
+from ..core.metrics import accuracy, agreement, per_class_accuracy
 from . import checkpoint
 from .config import TrainConfig
+from .context import RunContext
 from .portable import write_timm_student
+from .record import StudentRecord
 from .rundir import RunDir
-from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -36,69 +43,76 @@ class EvalConfig:
               f"{self.run} has no config.json; is it a folder made by `clipdistill train`?")
 
 
-def evaluate_trainer(trainer: Trainer, extra: dict | None = None) -> dict:
-    run = trainer.run
+def read_best(run: RunDir) -> StudentRecord:
+    """The record of the run's `best` checkpoint; MissingResourceError when it has none."""
     run.check_format()
-    state = checkpoint.load(run.best)
-    if state is None:
+    record = checkpoint.read_student(run.best)
+    if record is None:
         raise MissingResourceError(f"{run.best} does not exist; train the run first")
-    mismatch = trainer.resolved_mismatch(state)
-    if "teacher" in mismatch:  # agreement and embedding heads must be the teacher the student learnt from
+    return record
+
+
+def evaluate_student(ctx: RunContext, record: StudentRecord, *, teaching: Optional[str],
+                     teaching_costs: Optional[dict], inputs: Optional[dict], extra: Optional[dict] = None,
+                     previous: Optional[dict] = None) -> dict:
+    """Load `record` (the run's best checkpoint) into `ctx`, measure it on the test split (or,
+    without one, on the held-out rows that picked it) and write RUN/result.json and RUN/student.
+
+    `teaching`, `teaching_costs` and `inputs` are what the run recorded about itself, reported as
+    they are; `previous`: a result.json to keep every other field of (the measured ones are
+    replaced); `extra`: fields to add."""
+    run = ctx.run
+    mismatch = ctx.teacher_mismatch(record)
+    if mismatch:  # agreement and embedding heads must be the teacher the student learnt from
         raise ConfigError(f"--run {run} was trained with {mismatch}; evaluate it with the run's "
                           f"--device/--cache-dir (or none of those overrides)")
-    checkpoint.load_model(trainer.model, state, run.best)
-    # The head the student was trained and picked with, exactly as `export` folds it in.
-    trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
+    ctx.load_checkpoint(record, run.best)
     # Without labelled test images (a pool alone), the held-out pool rows that picked `best`
     # are all there is: agreement with the teacher there, and no accuracy.
-    has_test = "test" in trainer.data.names
-    s, t, y = trainer.predict(trainer.data.rows("test") if has_test else trainer.val_rows)
-    keep = y >= 0
+    has_test = "test" in ctx.data.names
+    s, t, y = ctx.predict(ctx.data.rows("test") if has_test else ctx.val_rows)
     pred, tpred = s.argmax(1), t.argmax(1)
-    acc = float((pred[keep] == y[keep]).float().mean() * 100) if keep.any() else float("nan")
-    per_class = {}
-    for c, name in enumerate(trainer.outs.classes):
-        m = y == c
-        per_class[name] = float((pred[m] == c).float().mean() * 100) if m.any() else None
-    cfg = trainer.cfg
-    fp = trainer.outs.teacher.fingerprint()
+    cfg = ctx.cfg
+    fp = ctx.outs.teacher.fingerprint()
     result = {
-        "test_accuracy": acc,
-        "teacher_agreement": float((pred == tpred).float().mean() * 100),
-        "teacher_test_accuracy": float((tpred[keep] == y[keep]).float().mean() * 100) if keep.any() else None,
-        "per_class_accuracy": per_class,
+        "test_accuracy": accuracy(pred, y),
+        "teacher_agreement": agreement(pred, tpred),
+        "teacher_test_accuracy": accuracy(tpred, y) if bool((y >= 0).any()) else None,
+        "per_class_accuracy": per_class_accuracy(pred, y, ctx.outs.classes),
         "n_test": int(len(y)) if has_test else 0,
         "agreement_on": "test" if has_test else "held-out training rows (no test split)",
-        "best_epoch": state["epoch"],
-        f"val_{state['val_metric']}": state["best"],
+        "best_epoch": record.epoch,
+        f"val_{record.val_metric}": record.best,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         "student": cfg.student,
         "teacher": fp["model"],
         "teacher_weights": fp["weights"],
         "teacher_precision": fp["precision"],
-        "student_precision": trainer.precision,
-        "method": trainer.method.spec,
-        "head": trainer.head_name,
-        "logit_scale": trainer.logit_scale if trainer.head_name == "text" else None,
-        "teaching": trainer.teaching.mode,
-        "teaching_costs": getattr(trainer, "teaching_costs", None),
+        "student_precision": ctx.precision,
+        "method": ctx.method.spec,
+        "head": ctx.head_name,
+        "logit_scale": ctx.logit_scale if ctx.head_name == "text" else None,
+        "teaching": teaching,
+        "teaching_costs": teaching_costs,
         "augment": cfg.augment,
         "mixup": cfg.mixup,
         "data": "+".join(cfg.data),
         "dataset": cfg.dataset,
         "run_dir": str(run),
         "timm_student": str(run.student),
-        "inputs": trainer.inputs,
+        "inputs": inputs,
         **(extra or {}),
     }
-    if trainer.dist.is_main:
-        write_timm_student(run, state)
+    result = {**(previous or {}), **result}
+    if ctx.dist.is_main:
+        write_timm_student(run, record)
         atomic.write_json(run.result, result)
     return result
 
 
 def evaluate_run(cfg: EvalConfig) -> dict:
+    """`clipdistill eval`: the run as its files recorded it, measured again on test."""
     run = RunDir(cfg.run)
     run.check_format()
     saved = run.read_config()
@@ -113,7 +127,12 @@ def evaluate_run(cfg: EvalConfig) -> dict:
         raise ConfigError(f"--run {run}: its config.json does not match this version of clipdistill ({e}); "
                           f"train it again") from None
     with run.lock():
-        trainer = Trainer(tcfg)
-        prev = run.read_result() or {}
-        keep = {k: prev[k] for k in ("train_seconds", "wall_seconds") if k in prev}
-        return evaluate_trainer(trainer, extra=keep)
+        record = read_best(run)
+        previous = run.read_result() or {}
+
+        def recorded(value, key: str):  # a checkpoint older than the field: what result.json said
+            return value if value is not None else previous.get(key)
+
+        return evaluate_student(RunContext(tcfg), record, teaching=recorded(record.teaching, "teaching"),
+                                teaching_costs=recorded(record.teaching_costs, "teaching_costs"),
+                                inputs=recorded(record.inputs, "inputs"), previous=previous)

@@ -23,43 +23,42 @@ import os
 from pathlib import Path
 
 from ..core import atomic
-from ..teacher.heads import head_spec
 from .checkpoint import load_model
+from .record import StudentRecord
 from .rundir import RunDir
 from .students import create_student
 
 
-def write_timm_student(run: RunDir, state: dict) -> Path:
-    """Write RUN/student/ from the best checkpoint's `state` (CheckpointMismatchError naming
-    RUN's best checkpoint when its weights do not fit the student its config describes)."""
+def write_timm_student(run: RunDir, state: StudentRecord | dict) -> Path:
+    """Write RUN/student/ from the best checkpoint (its record, or the dict `checkpoint.load`
+    read); CheckpointMismatchError naming RUN's best checkpoint when its weights do not fit the
+    student its config describes."""
     from safetensors.torch import save_file
     from timm.models import save_for_hf
 
-    cfg = state["config"]
-    out_dim = int(state["num_classes"] if state["output"] == "logits" else state["embed_dim"])
+    record = StudentRecord.from_state(state, run.best)
     # A fresh copy: the trained one may be channels-last (safetensors wants contiguous tensors)
-    model = create_student(cfg["student"], out_dim)
-    load_model(model, state, run.best)
-    size, mean, std = int(state["size"]), float(cfg["student_mean"]), float(cfg["student_std"])
-    info = {"method": state["method"], "output": state["output"], "teacher": state["teacher"],
-            "dataset": cfg.get("dataset"), "classes": list(state["classes"]), "prompts": list(state["prompts"]),
-            "trained_size": size, "resize": "stretch to size x size (bilinear), pixels / 255, (x - mean) / std"}
+    model = create_student(record.arch, record.out_dim)
+    load_model(model, record, run.best)
+    spec = record.input
+    info = {"method": record.method, "output": record.output, "teacher": record.teacher, "dataset": record.dataset,
+            "classes": list(record.classes), "prompts": list(record.prompts), "trained_size": spec.size,
+            "resize": "stretch to size x size (bilinear), pixels / 255, (x - mean) / std"}
     model_config = {"clipdistill": info}
-    if state["output"] == "logits":
-        model_config["label_names"] = list(state["classes"])
+    if record.output == "logits":
+        model_config["label_names"] = list(record.classes)
     else:
-        th = state["teacher_head"]
-        info["head"] = head_spec(th["kind"], state["num_classes"], state["embed_dim"], th.get("logit_scale"))
+        info["head"] = record.head_spec()
         info["head_file"] = "head.safetensors"
     run.path.mkdir(parents=True, exist_ok=True)
     with atomic.temporary_folder(run.path, "student") as tmp:
         new = tmp / "new"
         save_for_hf(model, str(new), model_config=model_config, safe_serialization=True,
-                    data_config={"input_size": (3, size, size), "mean": (mean,) * 3, "std": (std,) * 3,
-                                 "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "squash"})
-        if state["output"] != "logits":
-            save_file({k: v.contiguous() for k, v in state["teacher_head"]["state_dict"].items()},
-                      str(new / "head.safetensors"))
+                    data_config={"input_size": (3, spec.size, spec.size), "mean": (spec.mean,) * 3,
+                                 "std": (spec.std,) * 3, "interpolation": "bilinear", "crop_pct": 1.0,
+                                 "crop_mode": "squash"})
+        if record.output != "logits":
+            save_file({k: v.contiguous() for k, v in record.head.state_dict.items()}, str(new / "head.safetensors"))
         # the old folder moves into the scratch folder, which is removed with it
         if run.student.exists():
             os.replace(run.student, tmp / "old")

@@ -12,7 +12,8 @@ from ..core.distributed import cleanup
 from ..core.errors import ConfigError
 from . import checkpoint, inputs
 from .config import TrainConfig
-from .evaluate import evaluate_trainer
+from .context import RunContext
+from .evaluate import evaluate_student, read_best
 from .rundir import RunDir
 from .trainer import Trainer
 
@@ -42,8 +43,8 @@ def run_differences(cfg: TrainConfig) -> list[str]:
     can be resumed or reused, or when there is none): the flags that differ, then the inputs."""
     run = cfg.run_dir()
     if run.last.exists():
-        state = checkpoint.load(run.last)
-        then_cfg, then_inputs = state["config"], state.get("inputs")
+        last = checkpoint.read_student(run.last)
+        then_cfg, then_inputs = last.config, last.inputs
     elif run.result.exists() and run.exists():
         then_cfg, then_inputs = run.read_config(), (run.read_result() or {}).get("inputs")
     else:
@@ -74,7 +75,7 @@ def _train(cfg: TrainConfig, run: RunDir, teacher) -> dict:
         log.info("%s is already complete (result.json); reusing it", run)
         return done
     t0 = time.time()
-    trainer = Trainer(cfg, teacher=teacher)
+    trainer = Trainer(RunContext(cfg, teacher))
     try:
         resumed = trainer.try_resume()
         if resumed and trainer.epoch >= cfg.epochs and run.result.exists():
@@ -83,7 +84,8 @@ def _train(cfg: TrainConfig, run: RunDir, teacher) -> dict:
         trainer.fit()
         # Seconds spent in epochs, summed over every resumption of the run.
         seconds = sum(h["seconds"] for h in trainer.history)
-        return evaluate_trainer(trainer, extra={"train_seconds": round(seconds, 2),
-                                                "wall_seconds": round(time.time() - t0, 2)})
+        return evaluate_student(trainer.ctx, read_best(run), teaching=trainer.choice.mode,
+                                teaching_costs=trainer.choice.costs, inputs=trainer.ctx.inputs,
+                                extra={"train_seconds": round(seconds, 2), "wall_seconds": round(time.time() - t0, 2)})
     finally:
-        cleanup(trainer.dist)
+        cleanup(trainer.ctx.dist)
