@@ -37,7 +37,8 @@ def main() -> None:
 
     from clipdistill.teacher.cache import EmbeddingCache
     from clipdistill.distill.methods import kl_distillation
-    from clipdistill.distill.students import prepare_images
+    from clipdistill.data.pixels import normalize, to_float
+    from clipdistill.distill.augment import identity_views, render
     from clipdistill.core.device import dtype_of, resolve_precision
 
     n = args.batch * (args.steps + 2)
@@ -97,8 +98,11 @@ def main() -> None:
                 if step == 2:
                     t0, seen = time.perf_counter(), 0
                 idx = np.sort(perm[step * args.batch:(step + 1) * args.batch])
-                x = prepare_images(torch.from_numpy(images[idx]), args.size, 0.5, 0.25,
-                                   channels_last=channels_last)
+                # the trainer's input for plain views (RunContext.student_pixels)
+                x = normalize(render(to_float(torch.from_numpy(images[idx])), identity_views(len(idx)), args.size),
+                              0.5, 0.25)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 e = torch.from_numpy(np.asarray(cache.embeddings[idx], dtype=np.float32))
                 with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     out = model(x)

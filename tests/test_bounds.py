@@ -6,6 +6,7 @@ architecture, a real run folder), in-process through `cli.main` where a user wou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -159,26 +160,25 @@ def test_a_checkpoint_of_another_shape_is_one_line_with_the_tensor_and_the_cause
     from clipdistill.distill.students import create_student
 
     run = RunDir(run_copy)
-    state = checkpoint.load(run.best)
-    n, arch = int(state["num_classes"]), state["config"]["student"]
+    record = checkpoint.read_student(run.best)
+    n, arch = record.num_classes, record.arch
     # a run whose classes changed since (another prompts file): 12 outputs where the file has 10
     more = create_student(arch, n + 2)
     with pytest.raises(checkpoint.CheckpointMismatchError) as e:
-        checkpoint.load_model(more, state, run.best)
+        checkpoint.load_model(more, record, run.best)
     msg = str(e.value)
     assert str(run.best) in msg and "fc.weight" in msg and f"{n}x512" in msg and f"{n + 2}x512" in msg, msg
     assert "classes" in msg and "\n" not in msg, msg
     # another --student: resnet18 where the file holds a resnet10t
     with pytest.raises(checkpoint.CheckpointMismatchError, match=rf"{arch}.*resnet18.*--student"):
-        checkpoint.load_model(create_student("resnet18", n), state, run.best)
+        checkpoint.load_model(create_student("resnet18", n), record, run.best)
     # the same, met where the run's timm folder is written from a checkpoint
-    state["num_classes"] = n + 2
     with pytest.raises(ClipDistillError, match=r"best\.safetensors.*fc\.weight"):
-        write_timm_student(run, state)
+        write_timm_student(run, dataclasses.replace(record, num_classes=n + 2))
     # and what fits still loads
     fits = create_student(arch, n)
-    checkpoint.load_model(fits, checkpoint.load(run.best), run.best)
-    assert torch.equal(fits.state_dict()["fc.weight"], checkpoint.load(run.best)["model"]["fc.weight"])
+    checkpoint.load_model(fits, checkpoint.read_student(run.best), run.best)
+    assert torch.equal(fits.state_dict()["fc.weight"], record.weights["fc.weight"])
 
 
 # ----------------------------------------------------------------------------- messages name real flags

@@ -155,3 +155,104 @@ def test_a_preset_names_only_fields_of_its_group():
         preset(StudentOptions, student_sise={"default": 8})
     with pytest.raises(TypeError, match="hlep"):
         preset(StudentOptions, student={"hlep": "typo"})
+
+
+# ----------------------------------------------------------------------------- compress
+
+# `clipdistill compress`'s fields as its flat CompressConfig declared them: (default, choices,
+# metavar, help).
+COMPRESS_BEFORE = {
+    "run": ("", None, "DIR",
+        "run folder written by `clipdistill train` (its best checkpoint is compressed)"),
+    "mode": ("qat", ["qat", "ptq", "sparse24"], None,
+        "qat: INT8 fake quantization then a fine-tune; ptq: the INT8 calibration alone; sparse24: 2:4 "
+        "structured sparsity then a fine-tune"),
+    "epochs": (4, None, None,
+        "fine-tune epochs (qat, sparse24)"),
+    "lr": (0.0, None, None,
+        "fine-tune learning rate (Adam, cosine, no warm-up); 0 = a third of the run's own, the rate measured "
+        "best in benchmarks/compress_students.md"),
+    "calib_images": (512, None, None,
+        "training images that calibrate the INT8 ranges"),
+    "out": ("", None, "FILE",
+        "ONNX file to write; default RUN/model.MODE.onnx"),
+    "cache_dir": ("", None, "DIR",
+        "override the run's cache folder"),
+    "seed": (0, None, None,
+        "fine-tune seed"),
+    "max_images": (0, None, None,
+        "quick trials: the first N images of each split (test included) instead of the run's"),
+    "tolerance": (0.01, None, None,
+        "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|) plus, for INT8, "
+        "PyTorch's own spread when its layer outputs change by 1e-6 (an activation on a rounding boundary "
+        "moves a whole step)"),
+    "control": (False, None, None,
+        "also fine-tune an uncompressed copy the same way (epochs, lr, seed) and report its accuracy: whether"
+        " a change comes from the compression or from the extra epochs"),
+    "progress": (True, None, None,
+        "show progress bars"),
+}
+
+
+def _compress_run(root: Path) -> Path:
+    """A run folder as compress reads it before any model: config.json and a best checkpoint."""
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.safetensors").write_bytes(b"")
+    cfg = TrainConfig(cache_dir=str(root / "cache"), out=str(run), lr=3e-3, warmup_epochs=2.0, amp="bf16",
+                      schedule="constant", max_images=900, epochs=30)
+    (run / "config.json").write_text(json.dumps(to_dict(cfg)))
+    return run
+
+
+def _fine_tune_before(cfg, fine_tune: Path) -> TrainConfig:
+    """compress's fine-tune config as it was built before the preset (its `_trainer`)."""
+    from clipdistill.deploy.compress import fine_tune_lr
+    from clipdistill.distill.rundir import RunDir
+
+    saved = RunDir(cfg.run).read_config()
+    over = {"out": str(fine_tune), "epochs": cfg.epochs, "lr": fine_tune_lr(cfg, saved), "warmup_epochs": 0.0,
+            "schedule": "cosine", "amp": "fp32", "channels_last": False, "resume": "auto", "progress": cfg.progress,
+            "seed": cfg.seed}
+    if cfg.cache_dir:
+        over["cache_dir"] = cfg.cache_dir
+    if cfg.max_images:
+        over["max_images"] = cfg.max_images
+    return TrainConfig(**{**saved, **over})
+
+
+@pytest.mark.parametrize("argv", [[], ["--epochs", "2", "--lr", "1e-3", "--cache-dir", "/else", "--max-images", "100",
+                                       "--seed", "3", "--no-progress", "--out", "m.onnx", "--mode", "sparse24"]])
+def test_compress_is_a_preset_with_its_flags_and_fine_tune_as_before(argv, tmp_path):
+    """compress over train's groups: the same flags, defaults and help, the same checks, and the
+    fine-tune's TrainConfig is the one its flat config built."""
+    from clipdistill.deploy.compress import CompressConfig, fine_tune_config
+
+    fields = {f.name: f for f in dataclasses.fields(CompressConfig)}
+    assert {k: (f.default, f.metadata["choices"], f.metadata["metavar"], f.metadata["help"])
+            for k, f in fields.items()} == COMPRESS_BEFORE
+    run = _compress_run(tmp_path)
+    cfg = _parse(CompressConfig, ["--run", str(run), *argv])
+    folder = run / "compress-qat"
+    assert to_dict(fine_tune_config(cfg, folder)) == to_dict(_fine_tune_before(cfg, folder))
+    for kw, message in (({"epochs": 0}, "--epochs: must be >= 1"),
+                        ({"lr": -1.0}, "--lr: must be > 0, or 0 for a third of the run's learning rate"),
+                        ({"calib_images": 7}, "--calib-images: must be >= 8"),
+                        ({"tolerance": 0.0}, "--tolerance: must be > 0"),
+                        ({"max_images": -1}, "--max-images: must be >= 0 (0 = the run's)"),
+                        ({"mode": "ptq", "control": True}, "--control: ptq does not fine-tune")):
+        with pytest.raises(ConfigError) as e:
+            CompressConfig(run=str(run), **kw)
+        assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_teacher_evaluation_compares_by_its_own_runtime_fields():
+    """reproduce reuses a teacher-eval result by `config_diff` on the config itself: where it is
+    written and how it reports are runtime, as every other verb's are."""
+    from clipdistill.teacher.evaluate import TeacherEvalConfig
+
+    assert {"out", "progress"} <= runtime_fields(TeacherEvalConfig)
+    base = TeacherEvalConfig(cache_dir="/c")
+    for k in ("out", "progress", "cache_dir", "device"):
+        assert config_diff({**to_dict(base), k: "changed"}, base) == []
+    assert config_diff({**to_dict(base), "probe_epochs": 3}, base) == ["--probe-epochs: 3 in the run, 15 now"]

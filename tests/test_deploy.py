@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from conftest import cli_subprocess as _cli
+from test_inputs import _trainer_pixels
 
 from clipdistill.distill import checkpoint
 from clipdistill.core.errors import ConfigError
 from clipdistill.deploy.export import ExportConfig, export
 from clipdistill.deploy.parity import ParityError, check_parity
-from clipdistill.distill.students import create_student, prepare_images
+from clipdistill.distill.students import create_student
 
 from clipdistill.data.shapes10 import CLASSES as SHAPES10_CLASSES
 
@@ -44,10 +45,15 @@ def _session(path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _student_input(images: np.ndarray, size: int) -> torch.Tensor:
+    """What the trainer feeds the student for these plain images, at the study's Normalize(0.5, 0.25)."""
+    return torch.from_numpy(_trainer_pixels(images, size, 0.5, 0.25))
+
+
 def _torch_student(run: Path) -> torch.nn.Module:
-    state = checkpoint.load(run / "checkpoints" / "best.safetensors")
-    model = create_student(state["config"]["student"], state["num_classes"])
-    model.load_state_dict(state["model"])
+    record = checkpoint.read_student(run / "checkpoints" / "best.safetensors")
+    model = create_student(record.arch, record.num_classes)
+    model.load_state_dict(record.weights)
     return model.eval()
 
 
@@ -60,7 +66,7 @@ def test_student_export_matches_pytorch_on_real_images(trained_run, exported, ca
 
     # Independently of the exporter's own check: load both sides and compare, at several batch sizes.
     images, _ = _test_images(cache_dir, 7)
-    x = prepare_images(torch.from_numpy(images), 32, 0.5, 0.25)
+    x = _student_input(images, 32)
     with torch.no_grad():
         ref = _torch_student(trained_run)(x).numpy()
     sess = _session(exported["fp32"])
@@ -81,8 +87,8 @@ def test_student_export_matches_pytorch_on_real_images(trained_run, exported, ca
     assert meta["classes"] == CLASSES and meta["output"] == "logits" and meta["precision"] == "fp32"
     side = json.loads(exported["fp32"].with_suffix(".json").read_text())
     result = json.loads((trained_run / "result.json").read_text())
-    state = checkpoint.load(trained_run / "checkpoints" / "best.safetensors")
-    assert side["classes"] == CLASSES and side["prompts"] == list(state["prompts"]) and len(side["prompts"]) == 10
+    record = checkpoint.read_student(trained_run / "checkpoints" / "best.safetensors")
+    assert side["classes"] == CLASSES and side["prompts"] == list(record.prompts) and len(side["prompts"]) == 10
     assert side["teacher"]["model"] == "tiny-shapes"
     assert side["accuracy"]["test_accuracy"] == pytest.approx(result["test_accuracy"])
     assert side["exporter"]["name"] == "torchscript" and side["exporter"]["opset"] == 17
@@ -91,23 +97,24 @@ def test_student_export_matches_pytorch_on_real_images(trained_run, exported, ca
 @pytest.mark.parametrize("head,exporter", [("text", "torchscript"), ("linear", "dynamo")])
 def test_embedding_student_has_its_head_folded_in(tmp_path, cache_dir, head, exporter):
     """An "embedding" student's ONNX outputs class logits = head(student(x))."""
+    from clipdistill.distill.record import HeadRecord, StudentRecord
     from clipdistill.teacher.heads import TextHead
 
     torch.manual_seed(0)
     student = create_student("resnet10t", 16).eval()
     th = TextHead(torch.randn(10, 16), 100.0) if head == "text" else torch.nn.Linear(16, 10).eval()
     run = tmp_path / "run"
-    checkpoint.save(run / "checkpoints" / "best.safetensors", model=student.state_dict(), output="embedding",
-                    num_classes=10, embed_dim=16, size=32, classes=CLASSES, prompts=[f"a {c}" for c in CLASSES],
-                    teacher={"model": "tiny-shapes", "weights": "test"}, epoch=1,
-                    teacher_head={"kind": head, "state_dict": th.state_dict(), "logit_scale": 100.0},
-                    config={"student": "resnet10t", "student_mean": 0.5, "student_std": 0.25, "dataset": "shapes10",
-                            "image_size": 32, "data": ["train"], "cache_dir": str(cache_dir), "data_root": None})
+    checkpoint.write_student(run / "checkpoints" / "best.safetensors", StudentRecord(
+        weights=student.state_dict(), output="embedding", num_classes=10, embed_dim=16, size=32, classes=CLASSES,
+        prompts=[f"a {c}" for c in CLASSES], teacher={"model": "tiny-shapes", "weights": "test"}, epoch=1,
+        head=HeadRecord(head, th.state_dict(), 100.0),
+        config={"student": "resnet10t", "student_mean": 0.5, "student_std": 0.25, "dataset": "shapes10",
+                "image_size": 32, "data": ["train"], "cache_dir": str(cache_dir), "data_root": None}))
     out = tmp_path / "m.onnx"
     res = export(ExportConfig(run=str(run), out=str(out), exporter=exporter, opset=17 if exporter == "torchscript"
                               else 18, threads=1))
     images, _ = _test_images(cache_dir, 4)
-    x = prepare_images(torch.from_numpy(images), 32, 0.5, 0.25)
+    x = _student_input(images, 32)
     with torch.no_grad():
         ref = th(student(x)).numpy()
     got = _session(out).run(None, {"input": x.numpy()})[0]
@@ -241,7 +248,7 @@ def test_predict_a_folder_with_a_corrupt_file_using_onnxruntime_only(exported, t
     assert {Path(s["path"]).name for s in res["skipped"]} == {"broken.jpg", "notes.txt"}
     # The same answer as the PyTorch student (32 px PNGs: no resize, so identical inputs).
     with torch.no_grad():
-        ref = _torch_student(trained_run)(prepare_images(torch.from_numpy(images), 32, 0.5, 0.25))
+        ref = _torch_student(trained_run)(_student_input(images, 32))
     probs = torch.softmax(ref, 1).numpy()
     by_name = {Path(r["path"]).name: r for r in res["results"]}
     for i, name in enumerate(["img0.png", "img1.png", "img2.png"]):
@@ -265,7 +272,7 @@ def test_predict_preprocessing_matches_training_and_the_teacher(random_teacher_f
     assert np.abs(preprocess(odd, clip_input(teacher.preprocess, 32)) - teacher.preprocess(odd).numpy()).max() < 1e-6
     for size in (32, 224):  # down and up: Pillow's antialiased bilinear vs torch's, within uint8 rounding
         got = preprocess(Image.fromarray(images[1]), student_input(size, 0.5, 0.25))
-        ref = prepare_images(torch.from_numpy(images[1:2]), size, 0.5, 0.25)[0].numpy()
+        ref = _trainer_pixels(images[1:2], size, 0.5, 0.25)[0]
         assert got.shape == (3, size, size) and np.abs(got - ref).max() < 1.5 * (1 / 255) / 0.25
 
 

@@ -45,11 +45,11 @@ def test_a_reprompted_threshold_is_calibrated_on_the_runs_images_and_separates(e
     from clipdistill.distill import checkpoint
 
     new = ["ring", "cross", "heart"]
-    state = checkpoint.load(embedding_run / "checkpoints" / "best.safetensors")
-    head = reprompt(state, str(_prompts(tmp_path, "new.txt", [f"a {c}" for c in new])), str(cache_dir))
+    record = checkpoint.read_student(embedding_run / "checkpoints" / "best.safetensors")
+    head = reprompt(record, str(_prompts(tmp_path, "new.txt", [f"a {c}" for c in new])), str(cache_dir))
     model = Deployable(ImageEncoder(head.teacher.model.float().eval()), head.head).eval()
     info = {"trained_size": 32, "input": clip_input(head.teacher.preprocess, 32)}
-    cal = calibrate_reprompted(model, info, state["config"], head)
+    cal = calibrate_reprompted(model, info, record.config, head)
     assert 0 < cal["reject_threshold"] < 1 and cal["balanced_agreement"] >= WEAK_AGREEMENT and "why" not in cal
     assert cal["prompts"] == [f"a {c}" for c in new] and "test split" in cal["calibrated_on"]
 

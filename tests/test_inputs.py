@@ -16,19 +16,7 @@ from clipdistill.data.pixels import to_float
 from clipdistill.data.shapes10 import SPLITS, generate
 from clipdistill.deploy.inputs import prepare, preprocess, student_input
 from clipdistill.distill.augment import identity_views
-
-
-def _student_pixels():
-    """The training side's method, where it lives: the run context beside the trainer
-    (distill/context.py), or the trainer itself before that split."""
-    try:
-        from clipdistill.distill.context import RunContext
-
-        return RunContext.student_pixels
-    except ImportError:
-        from clipdistill.distill.trainer import Trainer
-
-        return Trainer.student_pixels
+from clipdistill.distill.context import RunContext
 
 
 def _trainer_pixels(images: np.ndarray, size: int, mean: float, std: float) -> np.ndarray:
@@ -38,7 +26,7 @@ def _trainer_pixels(images: np.ndarray, size: int, mean: float, std: float) -> n
                                                               channels_last=False))
     x = to_float(torch.from_numpy(images))
     with torch.no_grad():
-        return _student_pixels()(stand_in, x, identity_views(len(x)), None).numpy()
+        return RunContext.student_pixels(stand_in, x, identity_views(len(x)), None).numpy()
 
 
 @pytest.mark.parametrize("size", [32, 24, 48])

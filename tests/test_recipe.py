@@ -165,8 +165,8 @@ def test_logit_scale_auto_is_the_teachers_own(tmp_path, cache_dir, trained_teach
 
     learnt = read_sidecar(trained_teacher_file)["stats"]["logit_scale"]
     assert res["logit_scale"] == pytest.approx(learnt, rel=1e-3) and 5 < learnt < 100
-    state = checkpoint.load(Path(res["run_dir"]) / "checkpoints" / "best.safetensors")
-    assert state["teacher_head"]["logit_scale"] == pytest.approx(learnt, rel=1e-3)
+    record = checkpoint.read_student(Path(res["run_dir"]) / "checkpoints" / "best.safetensors")
+    assert record.head.logit_scale == pytest.approx(learnt, rel=1e-3)
     with pytest.raises(Exception, match="--logit-scale"):
         TrainConfig(logit_scale="big")
 
@@ -192,11 +192,11 @@ def test_a_killed_online_run_resumes_to_the_same_weights(tmp_path, cache_dir, tr
     assert 1 <= kill_after_first_epoch(args, killed, settle=0.3) < 3, "the run finished before it could be killed"
     run_cli(*args, "--out", str(killed))
     run_cli(*args, "--out", str(tmp_path / "clean"))
-    a = checkpoint.load(killed / "checkpoints" / "last.safetensors")
-    b = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.safetensors")
-    assert a["epoch"] == b["epoch"] == 3 and a["teaching"] == b["teaching"] == "online"
-    for k in b["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    a = checkpoint.read_student(killed / "checkpoints" / "last.safetensors")
+    b = checkpoint.read_student(tmp_path / "clean" / "checkpoints" / "last.safetensors")
+    assert a.epoch == b.epoch == 3 and a.teaching == b.teaching == "online"
+    for k in b.weights:
+        assert torch.equal(a.weights[k], b.weights[k]), k
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
@@ -213,9 +213,9 @@ def test_online_teaching_under_torchrun_keeps_the_bookkeeping(tmp_path, cache_di
     one = json.loads((tmp_path / "one" / "result.json").read_text())
     ddp = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert set(ddp) == set(one) and ddp["teaching"] == one["teaching"] == "online"
-    a = checkpoint.load(tmp_path / "ddp" / "checkpoints" / "last.safetensors")
-    b = checkpoint.load(tmp_path / "one" / "checkpoints" / "last.safetensors")
-    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 1
+    a = checkpoint.read_student(tmp_path / "ddp" / "checkpoints" / "last.safetensors")
+    b = checkpoint.read_student(tmp_path / "one" / "checkpoints" / "last.safetensors")
+    assert a.step == b.step and a.epoch == b.epoch == 1
     vals = [ln for ln in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in ln]
     assert len(vals) == 1
 

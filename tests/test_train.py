@@ -3,6 +3,7 @@ run resumes to the same weights; a foreign config is refused; DDP under torchrun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -53,19 +54,18 @@ def _timm_loads_the_student(run: Path) -> None:
 
     from clipdistill.teacher.heads import build_head
 
-    state = checkpoint.load(run / "checkpoints" / "best.safetensors")
-    out_dim = state["num_classes"] if state["output"] == "logits" else state["embed_dim"]
-    ref = timm.create_model(state["config"]["student"], num_classes=out_dim)
-    ref.load_state_dict(state["model"])
+    record = checkpoint.read_student(run / "checkpoints" / "best.safetensors")
+    ref = timm.create_model(record.arch, num_classes=record.out_dim)
+    ref.load_state_dict(record.weights)
     model = timm.create_model(f"local-dir:{run / 'student'}", pretrained=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), ref.eval()(x), rtol=0, atol=0)
     info = json.loads((run / "student" / "config.json").read_text())["clipdistill"]
-    assert info["output"] == state["output"] and info["classes"] == list(state["classes"])
-    if state["output"] == "embedding":
+    assert info["output"] == record.output and info["classes"] == list(record.classes)
+    if record.output == "embedding":
         head = build_head(info["head"], load_file(str(run / "student" / info["head_file"])))
-        assert head(ref.eval()(x).detach()).shape == (2, state["num_classes"])
+        assert head(ref.eval()(x).detach()).shape == (2, record.num_classes)
 
 
 def test_unlabeled_data_with_the_linear_head_beats_labels_alone(tmp_path, cache_dir, trained_teacher_file):
@@ -104,11 +104,11 @@ def test_sigkill_then_resume_auto_ends_with_the_same_weights(tmp_path, cache_dir
     resumed = run_cli(*args, "--out", str(killed), "--resume", "auto")
     assert f"resumed {killed} at epoch {epoch_at_kill}/3" in resumed.stderr
     run_cli(*args, "--out", str(tmp_path / "clean"))
-    a = checkpoint.load(killed / "checkpoints" / "last.safetensors")
-    b = checkpoint.load(tmp_path / "clean" / "checkpoints" / "last.safetensors")
-    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
-    for k in b["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    a = checkpoint.read_student(killed / "checkpoints" / "last.safetensors")
+    b = checkpoint.read_student(tmp_path / "clean" / "checkpoints" / "last.safetensors")
+    assert a.epoch == b.epoch == 3 and a.step == b.step
+    for k in b.weights:
+        torch.testing.assert_close(a.weights[k], b.weights[k], rtol=0, atol=0, msg=k)
     ra = json.loads((killed / "result.json").read_text())
     rb = json.loads((tmp_path / "clean" / "result.json").read_text())
     assert ra["test_accuracy"] == rb["test_accuracy"]
@@ -154,8 +154,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path, cache_dir, trained_teacher_file
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
     res = json.loads((out / "result.json").read_text())
     assert set(res) == set(one) and res["epochs"] == 1 and 0 <= res["test_accuracy"] <= 100
-    state = checkpoint.load(out / "checkpoints" / "last.safetensors")
-    assert state["step"] == checkpoint.load(tmp_path / "one" / "checkpoints" / "last.safetensors")["step"]
+    record = checkpoint.read_student(out / "checkpoints" / "last.safetensors")
+    assert record.step == checkpoint.read_student(tmp_path / "one" / "checkpoints" / "last.safetensors").step
     # one metrics file, written by rank 0 only: one validation record per epoch
     vals = [ln for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in ln]
     assert len(vals) == 1
@@ -171,13 +171,15 @@ def test_a_run_is_not_resumed_or_evaluated_against_another_teacher_or_precision(
     kw = train_kwargs(cache_dir, trained_teacher_file, method="labels", data=["train"], epochs=1, out=str(run))
     train(TrainConfig(**kw))
     (run / "result.json").unlink()
-    last = checkpoint.load(run / "checkpoints" / "last.safetensors")
-    assert last["amp"] in ("fp32", "bf16")
-    checkpoint.save(run / "checkpoints" / "last.safetensors", **{**last, "amp": "fp16"})
+    last, training = checkpoint.read_last(run / "checkpoints" / "last.safetensors")
+    assert last.precision in ("fp32", "bf16")
+    checkpoint.write_student(run / "checkpoints" / "last.safetensors", dataclasses.replace(last, precision="fp16"),
+                             training)
     with pytest.raises(ConfigError, match="student precision fp16"):
         train(TrainConfig(**kw))
-    best = checkpoint.load(run / "checkpoints" / "best.safetensors")
-    checkpoint.save(run / "checkpoints" / "best.safetensors", **{**best, "teacher": {**best["teacher"], "precision": "fp16"}})
+    best = checkpoint.read_student(run / "checkpoints" / "best.safetensors")
+    checkpoint.write_student(run / "checkpoints" / "best.safetensors",
+                             dataclasses.replace(best, teacher={**best.teacher, "precision": "fp16"}))
     with pytest.raises(ConfigError, match="precision 'fp16' then"):
         evaluate_run(EvalConfig(run=str(run)))
 

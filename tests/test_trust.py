@@ -405,13 +405,13 @@ def test_the_student_loads_with_timm_alone(trained_run):
     import timm
 
     run = RunDir(trained_run)
-    state = checkpoint.load(run.best)
+    record = checkpoint.read_student(run.best)
     config = json.loads((run.student / "config.json").read_text())
     assert config["architecture"] == "resnet10t" and config["num_classes"] == 10
-    assert config["label_names"] == list(state["classes"])
+    assert config["label_names"] == list(record.classes)
     x = torch.randn(3, 3, 32, 32)
     ref = timm.create_model("resnet10t", num_classes=10)
-    ref.load_state_dict(state["model"])
+    ref.load_state_dict(record.weights)
     a = timm.create_model("resnet10t", pretrained=True, num_classes=10,
                           pretrained_cfg_overlay=dict(file=str(run.student / "model.safetensors"), num_classes=10))
     b = timm.create_model(f"local-dir:{run.student}", pretrained=True)

@@ -13,12 +13,14 @@ companion does, with NVIDIA Model Optimizer (`pip install 'clipdistill[compress]
 
 So compress is calibrate (or prune) -> fine-tune -> the same writer as export (writer.py): the
 student is loaded as export loads it (deployable.py), its encoder replaced by the compressed one.
-The fine-tune is `clipdistill train` itself (the run's config; 4 epochs at a third of the run's
-rate by default; in a fresh folder beside the run), so teaching, augmentation and validation are
-the run's. The ONNX file comes from the fine-tuned model in the same process (Q/DQ nodes for `ptq`/`qat`: the form
-TensorRT builds as INT8 with `--int8`), checked against PyTorch and measured on the test split
-with ONNX Runtime. A killed compress starts again from the run's `best` (it takes minutes;
-the fine-tune folder is replaced): nothing of Model Optimizer's state is pickled to disk."""
+The fine-tune is `clipdistill train`'s loop over the run's context (distill/context.py: the run's
+config, 4 epochs at a third of the run's rate by default, in a fresh folder beside the run), so
+augmentation and validation are the run's, and so is the teaching mode: the one the run recorded,
+not one chosen again by timing a quantized student. The ONNX file comes from the fine-tuned model
+in the same process (Q/DQ nodes for `ptq`/`qat`: the form TensorRT builds as INT8 with `--int8`),
+checked against PyTorch and measured on the test split with ONNX Runtime. A killed compress
+starts again from the run's `best` (it takes minutes; the fine-tune folder is replaced): nothing
+of Model Optimizer's state is pickled to disk."""
 
 from __future__ import annotations
 
@@ -33,11 +35,15 @@ import numpy as np
 import torch
 
 from ..core import atomic
-from ..core.config import check, option
+from ..core.config import Rule, at_least, check, check_fields, common_options, option, preset
 from ..core.errors import ConfigError, MissingSplitError
 from ..core.metrics import accuracy
+from ..data.options import DataOptions
 from ..distill import checkpoint
+from ..distill.config import OptimiserOptions, RunOptions, TrainConfig
+from ..distill.record import StudentRecord
 from ..distill.rundir import RunDir
+from ..teacher.options import TeacherOptions
 from .deployable import load_student
 from .inputs import prepare
 from .parity import ParityError, parity_inputs
@@ -49,35 +55,47 @@ log = logging.getLogger(__name__)
 MODES = ("qat", "ptq", "sparse24")
 
 
+# compress is a preset over `clipdistill train`'s options, as fit-prompts is: the ones it shows as
+# flags, with its own defaults and words; each keeps train's type, rule and runtime mark unless
+# changed here. What it shares with train by name goes into the fine-tune's config (`fine_tune_config`).
+CompressOptimiser = preset(
+    OptimiserOptions,
+    epochs={"default": 4, "help": "fine-tune epochs (qat, sparse24)"},
+    lr={"default": 0.0, "help": "fine-tune learning rate (Adam, cosine, no warm-up); 0 = a third of the run's own, "
+                               "the rate measured best in benchmarks/compress_students.md",
+        "valid": Rule(lambda v: v >= 0, "must be > 0, or 0 for a third of the run's learning rate")})
+CompressCache = preset(TeacherOptions, cache_dir={"default": "", "help": "override the run's cache folder"})
+CompressData = preset(DataOptions, max_images={
+    "help": "quick trials: the first N images of each split (test included) instead of the run's",
+    "valid": at_least(0, "0 = the run's")})
+CompressRun = preset(RunOptions, seed={"help": "fine-tune seed"}, progress={})
+
+# What every fine-tune sets over the run's config: Adam at the fine-tune's rate, a cosine decay
+# without warm-up, fp32 (Model Optimizer's fake quantization runs in it) and the plain memory
+# format (its sparsity refuses channels-last); a fresh folder each time, so nothing to resume.
+FINE_TUNE = {"warmup_epochs": 0.0, "schedule": "cosine", "amp": "fp32", "channels_last": False, "resume": "auto"}
+
+
+# Listed last-flag-first, as TrainConfig's groups are.
 @dataclasses.dataclass
-class CompressConfig:
+class CompressConfig(CompressRun, CompressData, CompressCache, CompressOptimiser):
     run: str = option("", "run folder written by `clipdistill train` (its best checkpoint is compressed)",
                       metavar="DIR")
     mode: str = option("qat", "qat: INT8 fake quantization then a fine-tune; ptq: the INT8 calibration alone; "
                               "sparse24: 2:4 structured sparsity then a fine-tune", choices=list(MODES))
-    epochs: int = option(4, "fine-tune epochs (qat, sparse24)")
-    lr: float = option(0.0, "fine-tune learning rate (Adam, cosine, no warm-up); 0 = a third of the run's own, "
-                            "the rate measured best in benchmarks/compress_students.md")
-    calib_images: int = option(512, "training images that calibrate the INT8 ranges")
+    calib_images: int = option(512, "training images that calibrate the INT8 ranges", valid=at_least(8))
     out: str = option("", "ONNX file to write; default RUN/model.MODE.onnx", metavar="FILE")
-    cache_dir: str = option("", "override the run's cache folder", metavar="DIR")
-    seed: int = option(0, "fine-tune seed")
-    max_images: int = option(0, "quick trials: the first N images of each split (test included) instead of the run's")
     tolerance: float = option(1e-2, "parity: fail when max |onnxruntime - pytorch| > this x max(1, max |pytorch|) "
                                     "plus, for INT8, PyTorch's own spread when its layer outputs change by 1e-6 "
-                                    "(an activation on a rounding boundary moves a whole step)")
+                                    "(an activation on a rounding boundary moves a whole step)",
+                              valid=Rule(lambda v: v > 0, "must be > 0"))
     control: bool = option(False, "also fine-tune an uncompressed copy the same way (epochs, lr, seed) and report "
                                    "its accuracy: whether a change comes from the compression or from the extra epochs")
-    progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
         check(bool(self.run) and Path(self.run).is_dir(), "run", "give a run folder made by `clipdistill train`")
         check(RunDir(self.run).best.is_file(), "run", f"{self.run} has no best checkpoint; train it first")
-        check(self.epochs >= 1, "epochs", "must be >= 1")
-        check(self.lr >= 0, "lr", "must be > 0, or 0 for a third of the run's learning rate")
-        check(self.calib_images >= 8, "calib_images", "must be >= 8")
-        check(self.tolerance > 0, "tolerance", "must be > 0")
-        check(self.max_images >= 0, "max_images", "must be >= 0 (0 = the run's)")
+        check_fields(self)
         check(not (self.control and self.mode == "ptq"), "control", "ptq does not fine-tune: nothing to control for")
 
     @property
@@ -123,38 +141,37 @@ def fraction_24(w: np.ndarray) -> Optional[float]:
     return float(((g == 0).sum(-1) >= 2).mean())
 
 
-def _trainer(cfg: CompressConfig, fine_tune: Path):
-    from ..distill.config import TrainConfig
-    from ..distill.trainer import Trainer
-
+def fine_tune_config(cfg: CompressConfig, fine_tune: Path) -> TrainConfig:
+    """The config of a fine-tune in the folder `fine_tune`: the run's own, with the options compress
+    shares with train (epochs, seed, progress; the cache folder and the image cap when given),
+    FINE_TUNE and the fine-tune's rate."""
     saved = RunDir(cfg.run).read_config()
-    over = {"out": str(fine_tune), "epochs": cfg.epochs, "lr": fine_tune_lr(cfg, saved), "warmup_epochs": 0.0,
-            "schedule": "cosine", "amp": "fp32", "channels_last": False, "resume": "auto", "progress": cfg.progress,
-            "seed": cfg.seed}
-    if cfg.cache_dir:
-        over["cache_dir"] = cfg.cache_dir
-    if cfg.max_images:
-        over["max_images"] = cfg.max_images
-    return Trainer(TrainConfig(**{**saved, **over}))
+    shared = {k: v for k, v in common_options(cfg, TrainConfig).items() if v or k not in ("cache_dir", "max_images")}
+    return TrainConfig(**{**saved, **shared, **FINE_TUNE, "out": str(fine_tune), "lr": fine_tune_lr(cfg, saved)})
+
+
+def _context(cfg: CompressConfig, fine_tune: Path):
+    """The run as a fine-tune in `fine_tune` sees it: its data, teacher outputs, head and student."""
+    from ..distill.context import RunContext
+
+    return RunContext(fine_tune_config(cfg, fine_tune))
 
 
 def fine_tune_lr(cfg: CompressConfig, saved: dict) -> float:
     """--lr, or a third of the rate the run was trained at: a fine-tune rate is relative to the
     scale the weights were trained at, and a fixed one is too low for one run and too high for
-    another. A third, not the usual tenth: three MobileNetV3-Small students (88.4% on shapes10,
-    30 epochs at 3e-3) ended their INT8 fine-tunes 0.15 points from the same fine-tune without
-    quantization at a third, 1.37 points short at a tenth (benchmarks/compress_students.md)."""
+    another. A third, not the usual tenth: at a tenth, the INT8 fine-tunes of depthwise students
+    ended clearly below the same fine-tune without quantization, at a third level with it
+    (benchmarks/compress_students.md)."""
     return cfg.lr or saved["lr"] / 3
 
 
-def _accuracy(trainer) -> float:
-    """Test accuracy, leaving the student in the mode it was in: `Trainer.predict` ends in train
-    mode, and what follows a measurement must not depend on it having been taken (Model
-    Optimizer's calibration sets eval mode itself; a forward of our own after it would otherwise
-    use batch statistics and move BatchNorm's running ones)."""
-    was = trainer.model.training
-    s, _, y = trainer.predict(trainer.data.rows("test"))
-    trainer.model.train(was)
+def _accuracy(ctx) -> float:
+    """Test accuracy. `RunContext.predict` leaves the student in the mode it was in: what follows a
+    measurement must not depend on it having been taken (Model Optimizer's calibration sets eval
+    mode itself; a forward of our own after it would otherwise use batch statistics and move
+    BatchNorm's running ones)."""
+    s, _, y = ctx.predict(ctx.data.rows("test"))
     return accuracy(s.argmax(1), y)
 
 
@@ -163,14 +180,13 @@ def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.nd
     """How far a fake-quantized network's output moves when every convolution/linear output
     changes by up to one part in a million: what another summation order (ONNX Runtime's
     kernels, TensorRT's) may do to it. An activation that lands on a rounding boundary moves a
-    whole INT8 step under such a change and carries it to the output: after two QAT epochs,
-    nudges of 1e-7 inside PyTorch alone moved an EfficientNet's logits by 0.306, exactly the
-    gap ONNX Runtime showed, while each quantized layer exported alone agreed to 1e-6. So a
-    Q/DQ graph that computes the same network may differ by this much; a wrong graph (a
-    train-mode BatchNorm, a missing quantizer) differs by more and on most images.
+    whole INT8 step under such a change and carries it to the output: after a few QAT epochs,
+    tiny nudges inside PyTorch alone moved a student's logits exactly as far as ONNX Runtime's
+    graph did, while each quantized layer exported alone agreed with PyTorch (README, "Compress
+    for TensorRT"). So a Q/DQ graph that computes the same network may differ by this much; a
+    wrong graph (a train-mode BatchNorm, a missing quantizer) differs by more and on most images.
     ONNX Runtime's summation order is one more draw of the same kind, and it can land beyond the
-    widest of a few (3 draws let a 40-epoch MobileNetV3 through at 1.2 where ONNX Runtime gave
-    1.47): so 20 draws, and the caller allows twice the widest."""
+    widest of a few draws (it once did): so `seeds` draws, and the caller allows twice the widest."""
     ref = torch.from_numpy(reference)
     worst = 0.0
     for seed in range(seeds):
@@ -192,9 +208,9 @@ def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.nd
 
 def check_test_agreement(result: dict, n_test: int) -> None:
     """The file's test accuracy in ONNX Runtime must be PyTorch's within 1 point (or 3 images on
-    a small test split). The rounding envelope can be wide (logits moved by 2.0 of 10 on a
-    MobileNetV3), so this is the check a subtly wrong Q/DQ graph cannot pass: one-step flips move a
-    few images, a wrong graph moves many."""
+    a small test split). The rounding envelope can be wide (a fair share of the logits' range on a
+    MobileNetV3; README, "Compress for TensorRT"), so this is the check a subtly wrong Q/DQ graph
+    cannot pass: one-step flips move a few images, a wrong graph moves many."""
     ref = result.get("fine_tuned_accuracy", result.get("ptq_accuracy"))
     allowed = max(1.0, 300.0 / max(1, n_test))
     if ref is not None and not abs(result["onnx_accuracy"] - ref) <= allowed:
@@ -203,40 +219,36 @@ def check_test_agreement(result: dict, n_test: int) -> None:
                           f"written")
 
 
-def _reset_optimizer(trainer) -> None:
-    """A fresh optimizer over the (now wrapped) student, the cosine schedule over the fine-tune."""
-    from ..distill.trainer import lr_factor
+def _fine_tune(ctx, record: StudentRecord, model: torch.nn.Module) -> float:
+    """`clipdistill train`'s loop over the (wrapped or plain) student, built now that compression has
+    rewrapped it: a fresh Adam over its parameters, the cosine schedule of the fine-tune's config, and
+    the teaching mode the run recorded (choosing one here would time a quantized student). Returns
+    the test accuracy, the student left in eval mode."""
+    from ..distill.teaching import TeachingChoice
+    from ..distill.trainer import Trainer
 
-    trainer.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=trainer.cfg.lr)
-    total = trainer.steps_per_epoch * trainer.cfg.epochs
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lr_factor("cosine", total, 0))
-
-
-def _fine_tune(trainer, model: torch.nn.Module) -> float:
-    """`clipdistill train`'s loop over the (wrapped or plain) student, a fresh optimizer and
-    cosine schedule (the fine-tune's epochs and rate are in the trainer's config); returns the
-    test accuracy, the student left in eval mode."""
-    _reset_optimizer(trainer)
+    trainer = Trainer(ctx, optimizer=torch.optim.Adam(model.parameters(), lr=ctx.cfg.lr),
+                      teaching=TeachingChoice(record.teaching) if record.teaching else None)
     model.train()
     trainer.fit()
     model.eval()
-    return _accuracy(trainer)
+    return _accuracy(ctx)
 
 
-def _load_best(trainer, state: dict) -> torch.nn.Module:
-    model = checkpoint.load_model(trainer.model, state, trainer.run.best)
-    trainer.teacher_head.load_state_dict(state["teacher_head"]["state_dict"])
-    return model.to(memory_format=torch.contiguous_format).eval()  # Model Optimizer's sparsity refuses channels-last
+def _load_best(ctx, record: StudentRecord, run: RunDir) -> torch.nn.Module:
+    """The run's best student (and its head) in `ctx`, in eval mode and the plain memory format
+    (Model Optimizer's sparsity refuses channels-last)."""
+    return ctx.load_checkpoint(record, run.best).to(memory_format=torch.contiguous_format).eval()
 
 
-def _control(cfg: CompressConfig, run: RunDir, state: dict) -> float:
+def _control(cfg: CompressConfig, run: RunDir, record: StudentRecord) -> float:
     """The same fine-tune without compression: a student that has not converged gains from a
     few more epochs whether or not it is quantized, so the compressed accuracy is compared with
     this one, not only with the checkpoint's."""
     folder = run.path / f"compress-{cfg.mode}-control"
     shutil.rmtree(folder, ignore_errors=True)
-    trainer = _trainer(cfg, folder)
-    return _fine_tune(trainer, _load_best(trainer, state))
+    ctx = _context(cfg, folder)
+    return _fine_tune(ctx, record, _load_best(ctx, record, run))
 
 
 def compress(cfg: CompressConfig) -> dict:
@@ -245,46 +257,46 @@ def compress(cfg: CompressConfig) -> dict:
     run = RunDir(cfg.run)
     fine_tune = run.path / f"compress-{cfg.mode}"
     shutil.rmtree(fine_tune, ignore_errors=True)  # never resumed: Model Optimizer's wrappers are rebuilt each time
-    trainer = _trainer(cfg, fine_tune)
-    if "test" not in trainer.data.names:
+    ctx = _context(cfg, fine_tune)
+    if "test" not in ctx.data.names:
         raise MissingSplitError(f"--run {cfg.run}: compress measures accuracy on labelled test images, and this "
                                 f"run has none", "test")
-    state = checkpoint.load(run.best)
-    model = _load_best(trainer, state)
-    result: dict = {"mode": cfg.mode, "run": str(run), "student": trainer.cfg.student,
-                    "dense_fp32_accuracy": _accuracy(trainer)}
+    record = checkpoint.read_student(run.best)
+    model = _load_best(ctx, record, run)
+    result: dict = {"mode": cfg.mode, "run": str(run), "student": ctx.cfg.student,
+                    "dense_fp32_accuracy": _accuracy(ctx)}
     log.info("%s: test accuracy %.2f%% (fp32, dense)", run, result["dense_fp32_accuracy"])
     if cfg.control:
-        result["control_fp32_accuracy"] = _control(cfg, run, state)
+        result["control_fp32_accuracy"] = _control(cfg, run, record)
         log.info("the same %d-epoch fine-tune without compression: %.2f%%", cfg.epochs,
                  result["control_fp32_accuracy"])
 
     if cfg.mode in ("qat", "ptq"):
-        rows = trainer.train_rows.take(np.random.default_rng(cfg.seed).permutation(len(trainer.train_rows))
-                                       [: cfg.calib_images])
+        rows = ctx.train_rows.take(np.random.default_rng(cfg.seed).permutation(len(ctx.train_rows))
+                                   [: cfg.calib_images])
 
         from ..data.pixels import to_float
         from ..distill.augment import identity_views
 
         def calibrate(m) -> None:
             for i in range(0, len(rows), 64):
-                imgs, _, _ = trainer.data.gather(rows.take(np.arange(i, min(i + 64, len(rows)))))
-                x = to_float(imgs.to(trainer.device))
-                m(trainer.student_pixels(x, identity_views(len(x)), None))
+                imgs, _, _ = ctx.data.gather(rows.take(np.arange(i, min(i + 64, len(rows)))))
+                x = to_float(imgs.to(ctx.device))
+                m(ctx.student_pixels(x, identity_views(len(x)), None))
 
         with torch.no_grad():
             mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop=calibrate)
-        result["ptq_accuracy"] = _accuracy(trainer)
+        result["ptq_accuracy"] = _accuracy(ctx)
         log.info("INT8 after calibration (PTQ): %.2f%%", result["ptq_accuracy"])
     else:
         mts.sparsify(model, "sparse_magnitude")
-        result["pruned_accuracy"] = _accuracy(trainer)
+        result["pruned_accuracy"] = _accuracy(ctx)
         log.info("2:4 after magnitude pruning: %.2f%%", result["pruned_accuracy"])
 
     if cfg.mode != "ptq":
-        result["fine_tune"] = {"epochs": cfg.epochs, "lr": trainer.cfg.lr}
-        result["fine_tuned_accuracy"] = _fine_tune(trainer, model)
-        log.info("after %d fine-tune epochs at lr %g: %.2f%%", cfg.epochs, trainer.cfg.lr,
+        result["fine_tune"] = {"epochs": cfg.epochs, "lr": ctx.cfg.lr}
+        result["fine_tuned_accuracy"] = _fine_tune(ctx, record, model)
+        log.info("after %d fine-tune epochs at lr %g: %.2f%%", cfg.epochs, ctx.cfg.lr,
                  result["fine_tuned_accuracy"])
     if cfg.mode == "sparse24":
         mts.export(model)  # masks baked into the weights: a plain module with zeros where they belong
@@ -293,9 +305,9 @@ def compress(cfg: CompressConfig) -> dict:
     # The ONNX file: the student with its head, as `export` writes it, from the compressed weights.
     loaded, _ = load_student(cfg.run, "best", cache_dir=cfg.cache_dir)
     loaded.module.encoder = model
-    loaded.module.eval()  # Trainer.predict leaves the student in train mode
+    loaded.module.eval()  # the graph exported is the eval-mode one, whatever the steps above left
     info = loaded.info
-    x, where = parity_inputs(loaded, state["config"], 16, cfg.cache_dir)
+    x, where = parity_inputs(loaded, record.config, 16, cfg.cache_dir)
     with torch.no_grad():
         reference = loaded.module(torch.from_numpy(x)).numpy()
     out = cfg.out_path
@@ -304,7 +316,7 @@ def compress(cfg: CompressConfig) -> dict:
     with converted(loaded.module, x, reference, out.parent, "compress", "torchscript", 17, cfg.tolerance,
                    f" ({cfg.mode})", envelope=envelope) as onnx_file:
         tmp_path, exp, parity = onnx_file.path, onnx_file.exporter, onnx_file.parity
-        test = trainer.outs.datasets["test"]
+        test = ctx.outs.datasets["test"]
         imgs = test.pixels(info["trained_size"])
         onnx_acc, _ = onnx_accuracy(onnx_file.session, prepare(imgs, info["input"]), np.asarray(test.targets))
         result["onnx_accuracy"] = onnx_acc

@@ -23,8 +23,9 @@ from ..core import atomic
 from ..core.config import default_cache_dir
 from ..core.errors import ConfigError, MissingResourceError
 from ..distill import checkpoint
+from ..distill.record import StudentRecord
 from ..distill.rundir import RunDir
-from ..teacher.heads import build_head, head_spec
+from ..teacher.heads import build_head
 from .inputs import clip_input, student_input
 from .reprompt import calibrate_reprompted, reprompt
 
@@ -84,50 +85,43 @@ class Loaded:
 
 
 def load_student(run: str | Path, which: str = "best", size: int = 0, prompts: Optional[str] = None,
-                 cache_dir: str = "") -> tuple[Loaded, dict]:
-    """(the student with its head folded in, the raw checkpoint). With `prompts`, an embedding
-    student's head is rebuilt for those prompts (`reprompt`)."""
+                 cache_dir: str = "") -> tuple[Loaded, StudentRecord]:
+    """(the student with its head folded in, its checkpoint record). With `prompts`, an embedding
+    student's head is rebuilt for those prompts (`reprompt`), and the record is the re-headed one."""
     from ..distill.students import create_student
 
     rundir = RunDir(run)
     path = rundir.checkpoint(which)
-    state = checkpoint.load(path)
-    if state is None:
+    record = checkpoint.read_student(path)
+    if record is None:
         raise MissingResourceError(f"{path} does not exist; train the run first")
-    cfg = state["config"]
-    output, n_cls, dim = state["output"], int(state["num_classes"]), int(state["embed_dim"])
-    out_dim = n_cls if output == "logits" else dim
-    student = create_student(cfg["student"], out_dim)
-    checkpoint.load_model(student, state, path)
-    spec, head = None, None
-    if output == "embedding":
-        th = state["teacher_head"]
-        spec = head_spec(th["kind"], n_cls, dim, th.get("logit_scale"))
-        head = build_head(spec, th["state_dict"])
-    elif output != "logits":
-        raise ConfigError(f"{path}: unknown student output {output!r}")
-    trained = int(state["size"])
-    side = size or trained
+    cfg = record.config
+    student = create_student(record.arch, record.out_dim)
+    checkpoint.load_model(student, record, path)
+    if record.output not in ("logits", "embedding"):
+        raise ConfigError(f"{path}: unknown student output {record.output!r}")
+    head = record.folded_head()  # None for a logits student: its output already is the logits
+    spec = record.head_spec() if head is not None else None
+    side = size or record.size
     result = rundir.read_result() or {}
     calibration = atomic.read_json(rundir.path / "calibration.json") if (rundir.path / "calibration.json").is_file() \
         else None
     new_head = None
     if prompts is not None:
-        new_head = reprompt(state, prompts, cache_dir or cfg.get("cache_dir") or default_cache_dir())
-        state, spec, head = new_head.state, new_head.spec, new_head.head
-        n_cls = int(state["num_classes"])
+        new_head = reprompt(record, prompts, cache_dir or cfg.get("cache_dir") or default_cache_dir())
+        record, spec, head = new_head.record, new_head.spec, new_head.head
         result, calibration = {}, None  # measured for the old classes
     info = {
-        "role": "student", "name": cfg["student"], "output": "logits", "student_output": output,
+        "role": "student", "name": record.arch, "output": "logits", "student_output": record.output,
         "head": spec["kind"] if spec else "none",
-        "arch": {"kind": "timm", "name": cfg["student"], "out_dim": out_dim, "head": spec},
-        "num_classes": n_cls, "embed_dim": dim, "classes": list(state["classes"]),
-        "prompts": list(state.get("prompts") or []), "teacher": state.get("teacher"),
-        "method": state.get("method"), "dataset": cfg.get("dataset"), "trained_size": trained,
-        "input": student_input(side, cfg["student_mean"], cfg["student_std"]),
+        "arch": {"kind": "timm", "name": record.arch, "out_dim": record.out_dim, "head": spec},
+        "num_classes": record.num_classes, "embed_dim": record.embed_dim, "classes": list(record.classes),
+        "prompts": list(record.prompts), "teacher": record.teacher,
+        "method": record.method, "dataset": record.dataset, "trained_size": record.size,
+        "input": student_input(side, record.input.mean, record.input.std),
         "accuracy": {k: result[k] for k in ("test_accuracy", "teacher_agreement", "teacher_test_accuracy", "n_test")
                      if k in result} | ({"source": "result.json (PyTorch, best checkpoint)"} if result else {}),
-        "source": {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": which, "epoch": state.get("epoch"),
+        "source": {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": which, "epoch": record.epoch,
                    **({"prompts": str(prompts)} if prompts is not None else {})},
     }
     module = Deployable(student, head).eval()
@@ -136,12 +130,12 @@ def load_student(run: str | Path, which: str = "best", size: int = 0, prompts: O
     if calibration and isinstance(calibration.get("reject_threshold"), (int, float)):
         info["reject_threshold"] = float(calibration["reject_threshold"])
         info["reject_calibration"] = calibration
-    return Loaded(module, info), state
+    return Loaded(module, info), record
 
 
-def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, run_state: Optional[dict] = None
+def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, run: Optional[StudentRecord] = None
                          ) -> Loaded:
-    """The teacher's image encoder (plus the run's head when a run is given)."""
+    """The teacher's image encoder (plus the head of `run`, a run's checkpoint record, when given)."""
     import open_clip
 
     from ..teacher.tiny import register_model_configs
@@ -162,21 +156,19 @@ def load_teacher_encoder(name: str, pretrained: Optional[str], cache_dir: str, r
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     spec, head, info = None, None, {}
-    if run_state is not None:
-        run_teacher = (run_state.get("teacher") or {}).get("model")
+    if run is not None:
+        run_teacher = (run.teacher or {}).get("model")
         if run_teacher != name:
             raise ConfigError(f"--teacher {name}: the run was distilled from {run_teacher}; its head only fits that "
                               f"teacher's embeddings (export {run_teacher}, or leave --run out for embeddings)")
-        run_weights = (run_state.get("teacher") or {}).get("weights")
+        run_weights = (run.teacher or {}).get("weights")
         if pretrained != "random" and run_weights is not None and run_weights != fingerprint.get("weights"):
             raise ConfigError(f"--pretrained: the run was distilled from {name} weights {run_weights}, not "
                               f"{fingerprint.get('weights')}; its head only fits those (leave --pretrained out "
                               f"to use the run's)")
-        th = run_state["teacher_head"]
-        spec = head_spec(th["kind"], run_state["num_classes"], run_state["embed_dim"], th.get("logit_scale"))
-        head = build_head(spec, th["state_dict"])
-        info = {"classes": list(run_state["classes"]), "prompts": list(run_state.get("prompts") or []),
-                "num_classes": int(run_state["num_classes"]), "dataset": run_state["config"].get("dataset")}
+        spec, head = run.head_spec(), run.head_module()
+        info = {"classes": list(run.classes), "prompts": list(run.prompts), "num_classes": run.num_classes,
+                "dataset": run.dataset}
     return Loaded(Deployable(ImageEncoder(model), head).eval(), {
         "role": "teacher", "name": name, "output": "logits" if head is not None else "embedding",
         "head": spec["kind"] if spec else "none",

@@ -128,16 +128,16 @@ def default_out(cfg: ExportConfig, loaded: Loaded) -> Path:
 
 def export(cfg: ExportConfig) -> dict:
     """Write the ONNX file (and, with int8, its quantized copy); return what was done."""
-    state = None
+    record = None
     run_cfg = None
     if cfg.run:
-        loaded, state = load_student(cfg.run, cfg.checkpoint, cfg.size, cfg.prompts, cfg.cache_dir)
-        run_cfg = state["config"]
+        loaded, record = load_student(cfg.run, cfg.checkpoint, cfg.size, cfg.prompts, cfg.cache_dir)
+        run_cfg = record.config
     if cfg.teacher:
         cache = cfg.cache_dir or (run_cfg or {}).get("cache_dir") or default_cache_dir()
         # With --run, the weights default to the ones the run distilled from: its head fits only those.
         pretrained = cfg.pretrained if cfg.pretrained is not None else (run_cfg or {}).get("pretrained")
-        loaded = load_teacher_encoder(cfg.teacher, pretrained, cache, state)
+        loaded = load_teacher_encoder(cfg.teacher, pretrained, cache, record)
         if cfg.size and cfg.size != loaded.info["trained_size"]:
             raise ConfigError(f"--size {cfg.size}: {cfg.teacher} takes {loaded.info['trained_size']} px only "
                               f"(its position embeddings are fixed); leave --size out")

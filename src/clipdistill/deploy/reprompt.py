@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from ..core.errors import ClipDistillError, ConfigError
 from ..core.metrics import percent
+from ..distill.record import HeadRecord, StudentRecord
 from ..teacher.heads import build_head, head_spec
 from .inputs import prepare
 from .reject import calibrate_reject, otsu, softmax
@@ -36,10 +37,10 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class NewHead:
-    """What `reprompt` makes: the re-headed checkpoint, and the teacher and text embeddings that
-    made it (the reject threshold is calibrated with them)."""
+    """What `reprompt` makes: the re-headed checkpoint record, and the teacher and text embeddings
+    that made it (the reject threshold is calibrated with them)."""
 
-    state: dict
+    record: StudentRecord
     spec: dict
     head: nn.Module
     teacher: object
@@ -48,33 +49,33 @@ class NewHead:
     prompts: list
 
 
-def reprompt(state: dict, prompts: str, cache_dir: str) -> NewHead:
-    """An embedding student's checkpoint with a text head for new prompts: the student learnt
-    the teacher's image embedding, so any prompts the teacher can read are a head for it."""
+def reprompt(record: StudentRecord, prompts: str, cache_dir: str) -> NewHead:
+    """An embedding student's checkpoint record with a text head for new prompts: the student
+    learnt the teacher's image embedding, so any prompts the teacher can read are a head for it."""
     from ..data.prompts import read_prompt_file
     from ..teacher.openclip_teacher import create_teacher
     from ..teacher.outputs import text_embeddings
 
-    if state["output"] != "embedding":
-        raise ConfigError(f"--prompts: this student learnt class logits ({state.get('method')}), not the teacher's "
+    if record.output != "embedding":
+        raise ConfigError(f"--prompts: this student learnt class logits ({record.method}), not the teacher's "
                           f"embedding; only an embedding student (--method mse or cosine) can take new prompts. "
                           f"Train one, or distil again with these prompts")
     lines = read_prompt_file(prompts, "--prompts", warn=False)  # warned when the config was made
-    tcfg = state["config"]
-    fp = state.get("teacher") or {}
+    tcfg = record.config
+    fp = record.teacher or {}
     teacher = create_teacher(tcfg["teacher"], tcfg.get("pretrained"), "cpu", fp.get("precision", "fp32"), cache_dir)
     if fp and teacher.fingerprint() != fp:
         raise ConfigError(f"--prompts: the run's teacher ({fp.get('model')}, {fp.get('weights')}) is not what loads "
                           f"here ({teacher.fingerprint().get('weights')}); give --cache-dir where it is")
     text = text_embeddings(teacher, lines, None, cache_dir)
-    if text.shape[1] != int(state["embed_dim"]):
+    if text.shape[1] != record.embed_dim:
         raise ConfigError(f"--prompts: the teacher's text embeddings are {text.shape[1]}-d, the student's "
-                          f"{state['embed_dim']}-d")
-    scale = float(state["teacher_head"].get("logit_scale") or teacher.logit_scale)
-    spec = head_spec("text", len(lines), int(state["embed_dim"]), scale)
+                          f"{record.embed_dim}-d")
+    scale = float((record.head.logit_scale if record.head is not None else None) or teacher.logit_scale)
+    spec = head_spec("text", len(lines), record.embed_dim, scale)
     head = build_head(spec, {"text": text})
-    new = {**state, "num_classes": len(lines), "classes": lines, "prompts": lines,
-           "teacher_head": {"kind": "text", "state_dict": head.state_dict(), "logit_scale": scale}}
+    new = dataclasses.replace(record, num_classes=len(lines), classes=lines, prompts=lines,
+                              head=HeadRecord("text", head.state_dict(), scale))
     log.info("re-prompted: %d classes from %s (%s text embeddings, logit scale %.1f)", len(lines), prompts,
              fp.get("model"), scale)
     return NewHead(new, spec, head, teacher, text.numpy().astype(np.float32), cache_dir, lines)

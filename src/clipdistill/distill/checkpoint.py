@@ -25,7 +25,7 @@ import torch
 
 from ..core.errors import ClipDistillError
 from ..core.state import StateFileError, read_state, write_state
-from .record import StudentRecord, TrainingState, arch_of, weights_of
+from .record import StudentRecord, TrainingState
 
 
 class CheckpointMismatchError(ClipDistillError):
@@ -33,27 +33,29 @@ class CheckpointMismatchError(ClipDistillError):
 
 
 def rng_state() -> dict:
+    """Every RNG of this process (Python, NumPy, torch, each CUDA device), as tensors and JSON."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(internal), gauss],
-             "numpy": {"kind": kind, "keys": np.asarray(keys, dtype=np.int64), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
+    rng = {"python": [version, list(internal), gauss],
+           "numpy": {"kind": kind, "keys": np.asarray(keys, dtype=np.int64), "pos": int(pos),
+                     "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
+        rng["cuda"] = list(torch.cuda.get_rng_state_all())
+    return rng
 
 
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
+def set_rng_state(rng: dict) -> None:
+    """Put back what `rng_state` took."""
+    version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
+    n = rng["numpy"]
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
         # A checkpoint from a node with more GPUs than this one: restore the devices present.
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+        torch.cuda.set_rng_state_all(rng["cuda"][:torch.cuda.device_count()])
 
 
 def save(path: str | Path, **state: Any) -> Path:
@@ -100,9 +102,9 @@ def _arch(model: torch.nn.Module) -> str:
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
 
-def _cause(model: torch.nn.Module, state: StudentRecord | dict, name: str) -> str:
+def _cause(model: torch.nn.Module, record: StudentRecord, name: str) -> str:
     """Why a tensor would not fit: another architecture, or another width of the output layer."""
-    file_arch = arch_of(state)
+    file_arch = record.arch
     now_arch = _arch(model)
     if file_arch and file_arch != now_arch:
         return (f"the file holds a {file_arch} and this is a {now_arch}: a checkpoint of a run with another "
@@ -114,12 +116,12 @@ def _cause(model: torch.nn.Module, state: StudentRecord | dict, name: str) -> st
     return "the same architecture built differently: another timm version, or a damaged file"
 
 
-def load_model(model: torch.nn.Module, state: StudentRecord | dict, path: str | Path) -> torch.nn.Module:
-    """Load the weights of a checkpoint (its record, or the raw dict `load` returns), read from
-    `path`, into `model` (unwrapped from DDP), or raise CheckpointMismatchError naming the first
-    tensor that does not fit, both shapes and the likely cause. Returns the unwrapped model."""
+def load_model(model: torch.nn.Module, record: StudentRecord, path: str | Path) -> torch.nn.Module:
+    """Load the weights of a checkpoint's record, read from `path`, into `model` (unwrapped from
+    DDP), or raise CheckpointMismatchError naming the first tensor that does not fit, both shapes
+    and the likely cause. Returns the unwrapped model."""
     target = unwrap(model)
-    weights = weights_of(state)
+    weights = record.weights
     if not isinstance(weights, dict):
         raise StateFileError(f"{path} holds no model weights; move it away")
     own = target.state_dict()
@@ -127,12 +129,13 @@ def load_model(model: torch.nn.Module, state: StudentRecord | dict, path: str | 
     for name, t in weights.items():
         if name in own and tuple(own[name].shape) != tuple(t.shape):
             raise CheckpointMismatchError(f"{path}: its {name} is {_shape(t)} where this {_arch(target)} has "
-                                          f"{_shape(own[name])}; {_cause(target, state, name)}. {fix}")
+                                          f"{_shape(own[name])}; {_cause(target, record, name)}. {fix}")
     extra = [k for k in weights if k not in own]
     missing = [k for k in own if k not in weights]
     if extra or missing:
         first = f"its {extra[0]} is unknown to" if extra else f"it lacks {missing[0]} of"
+        cause = _cause(target, record, (extra or missing)[0])
         raise CheckpointMismatchError(f"{path}: {first} this {_arch(target)} ({len(extra)} tensors unknown, "
-                                      f"{len(missing)} missing); {_cause(target, state, (extra or missing)[0])}. {fix}")
+                                      f"{len(missing)} missing); {cause}. {fix}")
     target.load_state_dict(weights)
     return target

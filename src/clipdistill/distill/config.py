@@ -44,8 +44,9 @@ class MethodOptions(Options, title="distillation"):
     head: str = option("auto", "teacher head for kl targets and for embedding students: text, linear, or auto "
                                "(linear when train has labels)", choices=["auto", "text", "linear"])
     logit_scale: Union[float, str] = option("auto", "text head: cosine similarities times this; auto = the teacher's "
-                                                     "own learnt scale (CLIP ViT-B-32: 100; tiny-shapes: 17.4); the "
-                                                     "study's kl used 1", metavar="auto|S")
+                                                     "own learnt scale (CLIP's is 100; what tiny-shapes learnt: "
+                                                     "README.md, 'Beyond the study'); the study's kl used 1",
+                                            metavar="auto|S")
     temperature: float = option(1.0, "kl temperature T: softmax(logits / T), loss times T^2", valid=above(0))
 
     def _check_method(self) -> None:

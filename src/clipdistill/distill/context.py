@@ -25,9 +25,9 @@ from ..teacher.outputs import prepare_teacher_outputs
 from . import checkpoint, inputs
 from .augment import identity_views, render
 from .config import TrainConfig
-from .data import Rows, StudentData, train_val_rows
 from .methods import Batch, Method
 from .record import HeadRecord, StudentRecord
+from .student_data import Rows, StudentData, train_val_rows
 from .students import create_student
 
 log = logging.getLogger(__name__)

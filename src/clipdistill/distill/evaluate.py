@@ -4,9 +4,11 @@ Evaluating a run reads what the run recorded and changes nothing it did not comp
 student and its head come from `best` (picked on validation), the data and the head's classes
 from the run's config (a `RunContext`, not a trainer: the teacher is neither timed nor run on
 any image, the caches hold its outputs), the teaching mode and what `--teaching auto` measured
-from the checkpoint. It measures top-1 accuracy overall and per class, and the agreement with
-the teacher's head, into RUN/result.json (everything else there stays as the run wrote it), and
-writes the timm-loadable student (portable.py) beside it."""
+from the checkpoint. `measure_student` measures top-1 accuracy overall and per class, and the
+agreement with the teacher's head, and writes nothing; `write_evaluation` puts the result in
+RUN/result.json (everything else there stays as the run wrote it) and the timm-loadable student
+(portable.py) beside it. `train` and `eval` both go through `evaluate_student`, which does one
+then the other, so a trained run and a re-evaluated one report alike."""
 
 from __future__ import annotations
 
@@ -52,15 +54,13 @@ def read_best(run: RunDir) -> StudentRecord:
     return record
 
 
-def evaluate_student(ctx: RunContext, record: StudentRecord, *, teaching: Optional[str],
-                     teaching_costs: Optional[dict], inputs: Optional[dict], extra: Optional[dict] = None,
-                     previous: Optional[dict] = None) -> dict:
-    """Load `record` (the run's best checkpoint) into `ctx`, measure it on the test split (or,
-    without one, on the held-out rows that picked it) and write RUN/result.json and RUN/student.
+def measure_student(ctx: RunContext, record: StudentRecord, *, teaching: Optional[str],
+                    teaching_costs: Optional[dict], inputs: Optional[dict]) -> dict:
+    """Load `record` (the run's best checkpoint) into `ctx` and measure it on the test split (or,
+    without one, on the held-out rows that picked it); the result, written nowhere.
 
     `teaching`, `teaching_costs` and `inputs` are what the run recorded about itself, reported as
-    they are; `previous`: a result.json to keep every other field of (the measured ones are
-    replaced); `extra`: fields to add."""
+    they are."""
     run = ctx.run
     mismatch = ctx.teacher_mismatch(record)
     if mismatch:  # agreement and embedding heads must be the teacher the student learnt from
@@ -74,7 +74,7 @@ def evaluate_student(ctx: RunContext, record: StudentRecord, *, teaching: Option
     pred, tpred = s.argmax(1), t.argmax(1)
     cfg = ctx.cfg
     fp = ctx.outs.teacher.fingerprint()
-    result = {
+    return {
         "test_accuracy": accuracy(pred, y),
         "teacher_agreement": agreement(pred, tpred),
         "teacher_test_accuracy": accuracy(tpred, y) if bool((y >= 0).any()) else None,
@@ -102,12 +102,27 @@ def evaluate_student(ctx: RunContext, record: StudentRecord, *, teaching: Option
         "run_dir": str(run),
         "timm_student": str(run.student),
         "inputs": inputs,
-        **(extra or {}),
     }
-    result = {**(previous or {}), **result}
+
+
+def write_evaluation(ctx: RunContext, record: StudentRecord, result: dict) -> None:
+    """RUN/student (the timm folder of `record`) and RUN/result.json, from the main process only:
+    every rank measures, one writes."""
     if ctx.dist.is_main:
-        write_timm_student(run, record)
-        atomic.write_json(run.result, result)
+        write_timm_student(ctx.run, record)
+        atomic.write_json(ctx.run.result, result)
+
+
+def evaluate_student(ctx: RunContext, record: StudentRecord, *, teaching: Optional[str],
+                     teaching_costs: Optional[dict], inputs: Optional[dict], extra: Optional[dict] = None,
+                     previous: Optional[dict] = None) -> dict:
+    """Measure `record` (`measure_student`) and write the result (`write_evaluation`); returns it.
+
+    `previous`: a result.json to keep every other field of (the measured ones are replaced);
+    `extra`: fields to add."""
+    measured = measure_student(ctx, record, teaching=teaching, teaching_costs=teaching_costs, inputs=inputs)
+    result = {**(previous or {}), **measured, **(extra or {})}
+    write_evaluation(ctx, record, result)
     return result
 
 

@@ -36,9 +36,10 @@ from .augment import Mix
 def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """CE(logits, y) summed over the labelled samples (y >= 0) and divided by the whole
     batch: every image weighs the same in `kl+labels`, labelled or not. (Averaged over the
-    labelled rows only, the ~9% labelled images of shapes10's train+unlabeled each weighed
-    11x an unlabeled one, and kl+labels reached 34% after 4 epochs where kl alone reached
-    87% and this normalisation 90%.) Equal to the plain mean when every row is labelled."""
+    labelled rows only, the few labelled images of shapes10's train+unlabeled each weighed as
+    much as many unlabeled ones, and kl+labels collapsed far below kl alone, which this
+    normalisation does not: README.md, "Beyond the study", has the figures.) Equal to the
+    plain mean when every row is labelled."""
     mask = labels >= 0
     if not mask.any():
         return logits.sum() * 0.0

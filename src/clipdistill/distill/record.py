@@ -90,12 +90,15 @@ class StudentRecord:
         """The frozen head's spec (`teacher.heads.head_spec`), None when none was recorded."""
         return self.head.spec(self.num_classes, self.embed_dim) if self.head is not None else None
 
+    def head_module(self) -> Optional[Any]:
+        """The frozen head, built with its recorded weights (None when none was recorded): it turns
+        the teacher's embedding, or an embedding student's output, into class logits."""
+        return build_head(self.head_spec(), self.head.state_dict) if self.head is not None else None
+
     def folded_head(self) -> Optional[Any]:
         """The head that turns this student's output into class logits: built for an embedding
         student, None for a logits student (its output already is the logits)."""
-        if self.output == "logits":
-            return None
-        return build_head(self.head_spec(), self.head.state_dict)
+        return None if self.output == "logits" else self.head_module()
 
     # ------------------------------------------------------------------ the layout on disk
     def to_state(self) -> dict:
@@ -157,20 +160,6 @@ class TrainingState:
             raise StateFileError(f"{path} holds no training state to resume from (no {', '.join(missing)}); move "
                                  f"it away, or give another --out")
         return cls(state["optimizer"], state["scheduler"], state["scaler"], list(state["history"]), state["rng"])
-
-
-def weights_of(state) -> Optional[dict]:
-    """The student weights in a record or in a checkpoint's raw dict (None when there are none)."""
-    if isinstance(state, StudentRecord):
-        return state.weights
-    return state.get("model") if isinstance(state, dict) else None
-
-
-def arch_of(state) -> Optional[str]:
-    """The architecture a record or a checkpoint's raw dict says its weights are for, if any."""
-    if isinstance(state, StudentRecord):
-        return state.arch
-    return ((state.get("config") if isinstance(state, dict) else None) or {}).get("student")
 
 
 def _float(v) -> Optional[float]:

@@ -1,19 +1,15 @@
-"""Students: any timm architecture, and the input pipeline it sees.
+"""Students: any timm architecture, by name, with errors that say what to type instead.
 
-Images travel as uint8 (N, H, W, 3) batches and are turned into normalised float tensors
-on the training device in one vectorised step, instead of a PIL transform per sample:
-the study's `ToTensor()` + `Normalize(0.5, 0.25)` at the dataset's native 96 px."""
+What the student reads is made on the training device from uint8 batches
+(`RunContext.student_pixels`: augment.py's views, then data/pixels.py's normalisation)."""
 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from ..core.errors import ConfigError
-from ..data.pixels import normalize, to_float
 
 
 def create_student(arch: str, out_dim: int, pretrained: bool = False) -> nn.Module:
@@ -38,16 +34,3 @@ def create_student(arch: str, out_dim: int, pretrained: bool = False) -> nn.Modu
                               f"{e}); put them in the Hugging Face cache or drop --student-pretrained") from None
         raise
 
-
-def prepare_images(images_u8: torch.Tensor, size: int, mean: float | tuple, std: float | tuple,
-                   augment: str = "none", generator: Optional[torch.Generator] = None,
-                   channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, size, size), augmented (augment.py).
-
-    Augmentations are drawn from `generator` so a resumed run draws the same ones."""
-    from .augment import AUGMENTATIONS, render, sample_views
-
-    x = to_float(images_u8)
-    x = render(x, sample_views(len(x), AUGMENTATIONS.get(augment), generator), size)
-    x = normalize(x, mean, std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -40,7 +40,7 @@ from .augment import AUGMENTATIONS, Augmentation, Mix, identity_views, render, s
 
 if TYPE_CHECKING:  # annotations only; context.py never imports this module
     from .context import RunContext
-    from .data import Rows
+    from .student_data import Rows
 log = logging.getLogger(__name__)
 
 VIEWS_FORMAT = 1  # bump when the view parameters are drawn differently

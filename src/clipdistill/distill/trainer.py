@@ -25,11 +25,10 @@ from ..core.metrics import accuracy, agreement
 from ..data.pixels import to_float
 from . import checkpoint, inputs
 from .augment import draw_mix
-from .config import TrainConfig
 from .context import RunContext
-from .data import prefetched
 from .methods import Batch, MethodContext
 from .record import StudentRecord, TrainingState
+from .student_data import prefetched
 from .teaching import TeachingChoice, choose_teaching, create_teaching
 
 log = logging.getLogger(__name__)
@@ -43,17 +42,8 @@ class Trainer:
     resolved (a finished run's recorded one) instead of choosing it here, which times the teacher
     under `--teaching auto`."""
 
-    # What callers written before the run context read through the trainer (deploy/compress.py and
-    # fit/pipeline.py: `trainer.model`, `trainer.predict`, ...): they go to `ctx`. Remove this once
-    # those take a RunContext.
-    _FROM_CONTEXT = frozenset({"model", "data", "outs", "device", "dist", "train_rows", "val_rows", "val_metric",
-                               "teacher_head", "student_pixels", "predict", "autocast", "head_name", "logit_scale",
-                               "inputs", "precision", "size", "num_classes", "embed_dim", "method"})
-
-    def __init__(self, ctx: RunContext | TrainConfig, teacher=None, *,
-                 optimizer: Optional[torch.optim.Optimizer] = None, teaching: Optional[TeachingChoice] = None):
-        if isinstance(ctx, TrainConfig):  # the form callers written before the run context use
-            ctx = RunContext(ctx, teacher)
+    def __init__(self, ctx: RunContext, *, optimizer: Optional[torch.optim.Optimizer] = None,
+                 teaching: Optional[TeachingChoice] = None):
         self.ctx = ctx
         self.cfg, self.run = ctx.cfg, ctx.run
         cfg = self.cfg
@@ -76,11 +66,6 @@ class Trainer:
         self.teaching = create_teaching(ctx, self.choice.mode)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
         self.epoch, self.step, self.best, self.history = 0, 0, -1.0, []
-
-    def __getattr__(self, name: str):
-        if name in Trainer._FROM_CONTEXT and "ctx" in self.__dict__:
-            return getattr(self.ctx, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ state
     def record(self) -> StudentRecord:

@@ -21,7 +21,6 @@ shipping the old one or refusing with advice the user cannot follow."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -209,8 +208,7 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     quality = stages.reuse("assess", tcfg.run_dir().path / "calibration.json")
     if quality is None or quality.get("trained") != fresh:
         stages.start("assess")
-        quality = stages.finish("assess", {**_assess(dataclasses.replace(tcfg, teaching=res["teaching"]), teacher,
-                                                     out), "trained": fresh})
+        quality = stages.finish("assess", {**_assess(tcfg, teacher, out), "trained": fresh})
     exp = stages.reuse("export", out / "model.onnx", (stages.done.get("export") or {}).get("int8") if cfg.int8 else out)
     if exp is None or exp.get("trained") != fresh:
         stages.start("export")
@@ -228,27 +226,28 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
 
 
 def _assess(tcfg, teacher, out: Path) -> dict:
-    """The label-free report and the reject threshold, on the held-out pool rows."""
-    from ..distill import checkpoint
-    from ..distill.trainer import Trainer
+    """The label-free report and the reject threshold, on the held-out pool rows: the run's context
+    with its best checkpoint loaded (not a trainer: nothing is timed, the caches hold the teacher's
+    outputs)."""
+    from ..distill.context import RunContext
+    from ..distill.evaluate import read_best
     from ..teacher.curate import best_similarity
     from .quality import assess, disagreement_sheet
 
-    trainer = Trainer(tcfg, teacher=teacher)
-    state = checkpoint.load(trainer.run.best)
-    checkpoint.load_model(trainer.model, state, trainer.run.best)
-    s, t, _ = trainer.predict(trainer.val_rows)
-    k = trainer.data.names.index("unlabeled")
-    rows = trainer.val_rows.row
-    text = trainer.outs.text_embeddings.numpy()
-    cache = trainer.outs.caches["unlabeled"]
+    ctx = RunContext(tcfg, teacher=teacher)
+    ctx.load_checkpoint(read_best(ctx.run), ctx.run.best)
+    s, t, _ = ctx.predict(ctx.val_rows)
+    k = ctx.data.names.index("unlabeled")
+    rows = ctx.val_rows.row
+    text = ctx.outs.text_embeddings.numpy()
+    cache = ctx.outs.caches["unlabeled"]
     pool_sim = best_similarity(np.asarray(cache.embeddings[cache.valid_indices()], dtype=np.float32), text)
-    q = assess(s.numpy(), np.asarray(trainer.data.emb[k][rows], dtype=np.float32), text, t.numpy(), pool_sim,
-               trainer.outs.classes)
-    sheet = disagreement_sheet(trainer.outs.datasets["unlabeled"], rows, s.numpy(), t.numpy(), trainer.outs.classes,
+    q = assess(s.numpy(), np.asarray(ctx.data.emb[k][rows], dtype=np.float32), text, t.numpy(), pool_sim,
+               ctx.outs.classes)
+    sheet = disagreement_sheet(ctx.outs.datasets["unlabeled"], rows, s.numpy(), t.numpy(), ctx.outs.classes,
                                out / "sheets" / "disagreements.png")
     q["disagreements_sheet"] = str(sheet)
-    atomic.write_json(trainer.run.path / "calibration.json", {
+    atomic.write_json(ctx.run.path / "calibration.json", {
         "reject_threshold": q["reject_threshold"], "score": "top softmax probability of the model's output",
         "calibrated_on": f"{q['held_out_images']} held-out pool images, against the teacher's similarity cut "
                          f"{q['teacher_similarity_cut']:.3f}", "balanced_agreement": q["balanced_agreement"]})
