@@ -16,9 +16,17 @@ from PIL import Image
 
 from conftest import run_cli
 
-from clipdistill.teacher.cache import EmbeddedDataset, EmbeddingCache
+from clipdistill.teacher.cache import EmbeddingCache
 from clipdistill.teacher.embed import EmbedConfig, embed
 from clipdistill.core.errors import CacheMismatchError
+
+
+def _outputs(dataset, cache: EmbeddingCache, split: str = "train"):
+    """Teacher outputs holding only this split's dataset and cache: all `labelled` reads."""
+    from clipdistill.teacher.outputs import TeacherOutputs
+
+    return TeacherOutputs(teacher=None, classes=list(dataset.classes), prompts=[], templates=None,
+                          datasets={split: dataset}, caches={split: cache})
 
 
 def _manifest(cache_root: Path) -> Path | None:
@@ -131,25 +139,26 @@ def test_folder_with_corrupt_and_non_image_files(tmp_path, random_teacher_file):
 
     from clipdistill.data.datasets import create_dataset
 
+    # What the probe and the teacher's evaluation read: the readable rows, joined to their labels.
     ds = create_dataset("folder", "train", str(root))
-    joined = EmbeddedDataset(ds, EmbeddingCache.load(cache.path))
-    assert len(joined) == 10
-    image, label, emb = joined[0]
-    assert label in (0, 1) and emb.shape == (cache.dim,) and emb.dtype == np.float32
-    assert image.size == (50, 40)
+    loaded = EmbeddingCache.load(cache.path)
+    emb, labels = _outputs(ds, loaded).labelled("train")
+    assert len(emb) == len(labels) == 10
+    assert set(labels.tolist()) <= {0, 1} and emb.shape == (10, cache.dim) and emb.dtype == np.float32
+    image, label = ds[int(loaded.valid_indices()[0])]
+    assert label == labels[0] and image.size == (50, 40)
 
 
-def test_embedded_dataset_reads_through_a_memmap(tmp_path, data_root, random_teacher_file):
+def test_a_loaded_cache_is_read_through_a_memmap(tmp_path, data_root, random_teacher_file):
     cfg = EmbedConfig(pretrained=str(random_teacher_file), split="test", data_root=str(data_root),
                       cache_dir=str(tmp_path), progress=False)
     cache = EmbeddingCache.load(embed(cfg).path)
     assert isinstance(cache.embeddings, np.memmap)
     from clipdistill.data.datasets import create_dataset
 
-    joined = EmbeddedDataset(create_dataset("shapes10", "test", str(data_root)), cache)
-    _, label, emb = joined[7]
-    np.testing.assert_array_equal(emb, cache.embeddings[7].astype(np.float32))
-    assert 0 <= label < 10
+    emb, labels = _outputs(create_dataset("shapes10", "test", str(data_root)), cache, "test").labelled("test")
+    np.testing.assert_array_equal(emb[7], cache.embeddings[7].astype(np.float32))
+    assert 0 <= labels[7] < 10
 
 
 def test_incomplete_cache_is_not_loaded(tmp_path):

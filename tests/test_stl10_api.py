@@ -1,6 +1,6 @@
-"""The study's own function names (`clipdistill.stl10`) run against the product: each maps
-onto a registered experiment of the stl10 suite, and offline they stop at once saying
-which files to place where, like the CLI."""
+"""The study's own function names (`clipdistill.study.original_functions`) run against the
+product: each maps onto a registered experiment of the stl10 suite, and offline they stop at
+once saying which files to place where, like the CLI. The old module paths still work."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-import clipdistill.study.stl10 as study
+import clipdistill.study.original_functions as study
 from clipdistill.core.errors import MissingResourceError
 from clipdistill.study.experiments import EXPERIMENTS
 
@@ -50,3 +50,16 @@ def test_offline_the_study_functions_fail_fast_naming_the_missing_files(isolated
 def test_configure_rejects_unknown_settings(isolated):
     with pytest.raises(TypeError, match="data_root"):
         study.configure(dataroot="/data")
+
+
+@pytest.mark.parametrize("old", ["clipdistill.stl10", "clipdistill.study.stl10"])
+def test_the_old_module_paths_still_import_the_same_functions_with_a_warning(old):
+    import importlib
+    import sys
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match="clipdistill.study.original_functions"):
+        module = importlib.import_module(old)
+    assert module.__all__ == study.__all__
+    for name in study.__all__:
+        assert getattr(module, name) is getattr(study, name), name

@@ -79,10 +79,6 @@ class StoredPixels:
     def __len__(self) -> int:
         return self.shape[0]
 
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.row_bytes
-
     def _handle(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # a forked worker opens its own
             self._fd, self._pid = os.open(self.file, os.O_RDONLY), os.getpid()

@@ -1,5 +1,5 @@
-"""`clipdistill compress`: quantization-aware training and 2:4 sparsity for TensorRT, as the
-companion does, with NVIDIA Model Optimizer (`pip install 'clipdistill[compress]'`).
+"""`clipdistill compress`: quantization-aware training and 2:4 sparsity for TensorRT, as
+NVIDIA-AI-IOT/clip-distillation does, with NVIDIA Model Optimizer (`pip install 'clipdistill[compress]'`).
 
 - `ptq`: Model Optimizer's INT8 fake quantization in TensorRT's form (symmetric int8,
   per-channel weights, per-tensor activations), calibrated on training images; no training.

@@ -1,4 +1,4 @@
-"""Predict on video files and cameras, frame by frame, as the companion's live demo.
+"""Predict on video files and cameras, frame by frame, as clip-distillation's live demo does.
 
 OpenCV (the headless build: no GUI libraries on a device) decodes files and opens cameras;
 each frame goes through the same preprocessing as an image file (inputs.py, from the model's

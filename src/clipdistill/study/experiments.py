@@ -100,10 +100,11 @@ _add(Experiment(name="resnet18_text100_train_unlabeled", question="method", kind
 # the ones above it; the suite's `patient` settings (a long cosine schedule with warm-up)
 # apply from step 1 on. The default of `clipdistill train` is `recipe_online` (kl on the
 # teacher's probabilities, random resized crops, the teacher in the loop on the same view),
-# chosen on the held-out *validation* accuracy of a one-seed screen of the steps (online 98%,
-# + mixup 96%, + labels 81%); the two steps after it are measured, not used. `recipe_zero_label`
-# is the default without any label: not to train (KL on the text head at the teacher's own
-# logit scale) nor to pick the checkpoint (teacher agreement on held-out rows).
+# chosen on the held-out *validation* accuracy of a one-seed screen of the steps, where it led
+# the two steps after it (README.md, "Beyond the study", has the screen's figures); those two
+# are measured, not used. `recipe_zero_label` is the default without any label: not to train
+# (KL on the text head at the teacher's own logit scale) nor to pick the checkpoint (teacher
+# agreement on held-out rows).
 _RECIPE = [
     ("recipe_patient", "a long schedule with warm-up (patience); targets still computed once on the plain images",
      {"student": "resnet18", **_LINEAR_KL, "data": _TRAIN_UNL, "teaching": "cached"}),
@@ -160,9 +161,10 @@ SUITES.add("stl10", Suite(
     patient={"epochs": 200, "lr": 1e-3, "schedule": "cosine", "warmup_epochs": 2}))
 
 # shapes10 is 32 px: a ResNet's 7x7/2 stem + max-pool leaves 8x8 of it, and resnet18 learnt
-# only 49.7% in the demo's budget where timm's deep-stem "t" ResNets (three 3x3 convs) reached
-# 82-92% (resnet18d, the same depth with a deep stem: 85.6%). So this suite keeps the study's
-# rows and their sizes' order but trains the "t" family; the report names the real student.
+# far less in the demo's budget than timm's deep-stem "t" ResNets (three 3x3 convs) or than
+# resnet18d, the same depth with a deep stem (README.md, "What `make demo` printed here", has
+# the figures). So this suite keeps the study's rows and their sizes' order but trains the "t"
+# family; the report names the real student.
 # The labelled-only rows get 40 epochs (1,000 images each) so that every row sees about as many
 # images as the 4 epochs over 11,000 of the unlabeled rows: the same compute for each answer.
 SUITES.add("shapes10", Suite(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core import atomic
-from ..core.config import check, config_diff, default_cache_dir, option, runtime_fields, to_dict
+from ..core.config import check, config_diff, default_cache_dir, option, runtime_fields
 from .experiments import EXPERIMENTS, SUITES, build_config, select
 from .report import record, write_report
 
@@ -230,7 +230,7 @@ def _reuse_teacher_eval(ecfg) -> Optional[dict]:
     if not path.exists():
         return None
     res = atomic.read_json(path)
-    if config_diff(res.get("config", {}), to_dict(ecfg)):
+    if config_diff(res.get("config", {}), ecfg):  # the config itself: its own runtime fields, exactly
         return None
     res["path"] = str(path)
     return res

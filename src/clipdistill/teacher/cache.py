@@ -23,13 +23,11 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.errors import CacheMismatchError
 from ..data.store import VALID, ArrayStore, CacheDamagedError, open_array  # noqa: F401 - CacheDamagedError re-exported
 
 log = logging.getLogger(__name__)
 
 ARRAY = "embeddings.npy"
-FORMAT_VERSION = ArrayStore.FORMAT
 
 
 def cache_path(cache_dir: str | Path, teacher_slug: str, dataset_slug: str, split: str) -> Path:
@@ -94,24 +92,3 @@ class EmbeddingCache(ArrayStore):
     def __repr__(self) -> str:
         return f"EmbeddingCache({self.path}, {self.done}/{self.count}x{self.dim}, complete={self.complete})"
 
-
-class EmbeddedDataset:
-    """`(image, label, teacher_embedding)` by index: a dataset joined with its cache.
-
-    Only readable rows are exposed; embeddings are read through the memmap, so opening
-    100,000 of them costs nothing until they are used."""
-
-    def __init__(self, dataset, cache: "EmbeddingCache"):
-        if len(dataset) != cache.count:
-            raise CacheMismatchError(f"{cache.path} holds {cache.count} rows but the dataset has {len(dataset)}; "
-                                     f"{cache.rebuild_command}")
-        self.dataset, self.cache = dataset, cache
-        self.index = cache.valid_indices()
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        row = int(self.index[i])
-        image, label = self.dataset[row]
-        return image, label, np.asarray(self.cache.embeddings[row], dtype=np.float32)

@@ -1,7 +1,9 @@
 """Curation: which pool images to train on, chosen by the teacher from its cached embeddings.
 
-The offline equivalent of the companion's CLIP search: every pool image is scored against
-the prompts (softmax of the scaled cosine similarities, the teacher's zero-shot
+NVIDIA's clip-distillation project (https://github.com/NVIDIA-AI-IOT/clip-distillation), whose
+steps `clipdistill fit-prompts` follows, finds its training images by searching LAION with CLIP
+for each prompt. This is the offline equivalent, over a pool already on disk: every pool image
+is scored against the prompts (softmax of the scaled cosine similarities, the teacher's zero-shot
 probabilities), ranked per prompt, and kept by a probability threshold and/or the top N per
 class. Images that match no prompt (below the threshold) are either kept as negatives,
 trained on with the teacher's soft targets, which teaches the student what none of the

@@ -24,7 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.config import check, option
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
-from ..data.datasets import default_data_root
 from ..data.images import is_final
 from ..data.options import DataOptions
 from ..data.store import KEPT, RETRY, SKIPPED, warn_skipped
@@ -46,10 +45,6 @@ class EmbedConfig(TeacherOptions, DataOptions):
         self._check_teacher()
         self._check_data()
         check(bool(self.split), "split", "give a split name")
-
-    @property
-    def resolved_data_root(self) -> str:
-        return self.data_root or default_data_root(self.cache_dir)
 
 
 class _Preprocessed(Dataset):

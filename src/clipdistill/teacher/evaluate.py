@@ -31,8 +31,8 @@ class TeacherEvalConfig(TeacherOptions, DataOptions):
     probe_batch_size: int = option(64, "linear probe batch size (the study: 64)")
     probe_holdout: float = option(0.1, "fraction of train held out to pick the probe's epoch (never the test split)")
     seed: int = option(0, "random seed (>= 0)")
-    out: str = option("runs/teacher-eval", "folder for teacher_eval.json", metavar="DIR")
-    progress: bool = option(True, "show progress bars")
+    out: str = option("runs/teacher-eval", "folder for teacher_eval.json", metavar="DIR", runtime=True)
+    progress: bool = option(True, "show progress bars", runtime=True)
 
     def __post_init__(self) -> None:
         self._check_teacher()

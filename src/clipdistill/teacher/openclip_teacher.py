@@ -90,7 +90,7 @@ def _hf_cached(repo_id: str, filenames: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _open_clip_weights(name: str, pretrained: Optional[str], cache_dir: str) -> ResolvedWeights:
+def _open_clip_weights(name: str, pretrained: Optional[str]) -> ResolvedWeights:
     import open_clip
 
     if name not in open_clip.list_models():
@@ -140,7 +140,7 @@ def _open_clip_weights(name: str, pretrained: Optional[str], cache_dir: str) -> 
 def resolve_weights(name: str, pretrained: Optional[str], cache_dir: str) -> ResolvedWeights:
     if name in TEACHERS:
         return TEACHERS.get(name)(name, pretrained, cache_dir)
-    return _open_clip_weights(name, pretrained, cache_dir)
+    return _open_clip_weights(name, pretrained)
 
 
 class Teacher:

@@ -20,7 +20,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 

@@ -12,7 +12,8 @@ Pre-training is CLIP's recipe in miniature: `open_clip.loss.ClipLoss` on (image,
 pairs from `shapes10.generate_captioned`, AdamW with warmup and a cosine decay, a learnable
 logit scale. It is step-counted, seeded and runs on a fixed number of threads (one): float
 sums are added in another order on another thread count, which gave another teacher (and a
-demo table 10 points off on one row) whenever the machine was busy. So a config gives a
+demo table several points off on one row: README.md, "The offline world") whenever the
+machine was busy. So a config gives a
 bit-identical teacher on every machine with the same CPU model, busy or idle;
 `ensure_tiny_teacher` caches it under a name that hashes the config, and its sha256 goes
 into the sidecar and the demo report.
@@ -69,7 +70,8 @@ class TinyTeacherConfig:
     caption_seed: int = 4004  # shapes10.CAPTION_SEED: a seed no evaluation split uses
     seed: int = 0  # weights init and batch order
     threads: int = 1  # torch threads: fixed, since another count rounds differently (another teacher).
-    # One thread took 77 s on an idle 2-core EPYC (two: 73 s) and does not crawl beside a busy process.
+    # One thread is barely slower than two on an idle 2-core machine and does not crawl beside a busy
+    # process (README.md, "The offline world", has the timings).
     augment: bool = False  # random flips/transposes (the classes are invariant to them): off, as
     # they widen the pose distribution beyond shapes10's roughly upright objects and slow learning
 
@@ -114,9 +116,9 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _adamw(params: list[dict], **kw) -> torch.optim.Optimizer:
-    # The fused CPU kernel (torch >= 2.4) is ~5x faster here: the 49408-row token embedding
-    # gets a dense gradient every step, and the optimizer step on it would cost as much as
-    # the text tower's forward.
+    # The fused CPU kernel (torch >= 2.4) is several times faster here (README.md, "The offline
+    # world"): the 49408-row token embedding gets a dense gradient every step, and the optimizer
+    # step on it would cost as much as the text tower's forward.
     try:
         return torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, TypeError):
