@@ -68,8 +68,8 @@ def main() -> None:
         ex = work / f"pool-{n}-{args.size}px"
         if not (ex / "classes.txt").exists():
             t0 = time.time()
-            made = make_pool(PoolConfig(out=str(ex), images=n, size=args.size, duplicates=0, broken=0,
-                                        test_per_class=50, shards=args.shards))
+            make_pool(PoolConfig(out=str(ex), images=n, size=args.size, duplicates=0, broken=0,
+                                 test_per_class=50, shards=args.shards))
             print(f"generated {n} images in {args.shards} shards: {time.time() - t0:.0f} s", flush=True)
         spec = str(ex / "shards" / f"pool-{{000..{args.shards - 1:03d}}}.tar")
         for store in designs:

@@ -36,9 +36,9 @@ def _student_run(args, work: Path) -> Path:
         return Path(args.run)
     import torch
 
-    from clipdistill.teacher.tiny import save_random_tiny_teacher
     from clipdistill.distill.config import TrainConfig
     from clipdistill.distill.train import train
+    from clipdistill.teacher.tiny import save_random_tiny_teacher
 
     weights = save_random_tiny_teacher(work / "tiny-shapes-random.safetensors", seed=0)
     if args.train_threads:
@@ -142,7 +142,8 @@ def main(argv=None) -> int:
           f"which makes absolute figures pessimistic, ratios less so). "
           f"Runtime: every row is `clipdistill bench` (one fresh process per row, warm-up then "
           f"{args.iters} timed batches of {args.batch}); memory is the process's peak RSS minus its baseline "
-          f"before the model was loaded (glibc's mmap threshold pinned, so freed buffers are returned). Threads: {args.threads or 'ONNX Runtime default'}.",
+          f"before the model was loaded (glibc's mmap threshold pinned, so freed buffers are returned). "
+          f"Threads: {args.threads or 'ONNX Runtime default'}.",
           "",
           f"Teacher: {args.teacher} image encoder, **random weights** (speed and memory only), fp32. "
           f"Student: {args.student} {how} at 32 px ({run}); INT8 = ONNX Runtime "

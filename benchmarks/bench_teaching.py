@@ -72,7 +72,8 @@ def shapes10_rows(args) -> list[dict]:
         costs = measure_costs(trainer.ctx)
         epochs = SUITES.get("shapes10").patient["epochs"]
         picked = costs.pick(8, epochs)
-        rows.append({"pair": "tiny-shapes -> resnet10t @32 px (shapes10)", "mode": f"auto ({epochs} epochs) -> {picked}",
+        rows.append({"pair": "tiny-shapes -> resnet10t @32 px (shapes10)",
+                     "mode": f"auto ({epochs} epochs) -> {picked}",
                      "one-time s": "-", "epoch s": f"teacher {costs.teacher * 1e3:.2f} ms/img, "
                                                    f"student step {costs.student * 1e3:.2f} ms/img",
                      "images": str(n)})
@@ -80,10 +81,10 @@ def shapes10_rows(args) -> list[dict]:
 
 
 def study_rows() -> list[dict]:
-    import torch
     import timm
-
+    import torch
     from _common import random_vit_teacher
+
     from clipdistill.core.device import resolve_precision
     from clipdistill.distill.teaching import Costs, seconds_per_image
 
@@ -128,7 +129,8 @@ def main() -> None:
     import torch
 
     rows = shapes10_rows(args) + study_rows()
-    print(f"teaching modes, the fastest of {args.rounds} epochs each; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"teaching modes, the fastest of {args.rounds} epochs each; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; "
           f"views: 8 per image; one-time s: a run's set-up (data, head, and for views their embedding pass); "
           f"the STL10 rows are per-image costs measured here times 105,000 images")
     print(table(rows, ["pair", "mode", "one-time s", "epoch s", "images"]))

@@ -35,11 +35,11 @@ def main() -> None:
     import timm
     from torchvision import transforms
 
-    from clipdistill.teacher.cache import EmbeddingCache
-    from clipdistill.distill.methods import kl_distillation
+    from clipdistill.core.device import dtype_of, resolve_precision
     from clipdistill.data.pixels import normalize, to_float
     from clipdistill.distill.augment import identity_views, render
-    from clipdistill.core.device import dtype_of, resolve_precision
+    from clipdistill.distill.methods import kl_distillation
+    from clipdistill.teacher.cache import EmbeddingCache
 
     n = args.batch * (args.steps + 2)
     images = shapes_images(n, args.size)

@@ -142,8 +142,9 @@ def main() -> None:
     md = table(rows, cols)
     if "default" in names:
         o = open_set(work)
-        md += (f"\n\nOpen set (the default row's model, its calibrated reject threshold, {o['images']} fresh images of all "
-               f"ten classes): 'none of these' for {o['rejected_unprompted']}% of the six unprompted classes' images and "
+        md += (f"\n\nOpen set (the default row's model, its calibrated reject threshold, {o['images']} fresh images "
+               f"of all ten classes): 'none of these' for {o['rejected_unprompted']}% of the six unprompted classes' "
+               f"images and "
                f"{o['rejected_prompted']}% of the four prompted ones; accuracy on the prompted images it accepts: "
                f"{o['accuracy_prompted_accepted']}%.")
         Path(args.out + ".open_set.json").write_text(json.dumps(o) + "\n")

@@ -88,11 +88,14 @@ def student_training(device, size: int, batch: int, steps: int) -> list[dict]:
         opt = torch.optim.Adam(model.parameters(), 3e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
         dev_images = images.to(device)
+        loader = None
         if study:
             samples = [((images[i].permute(2, 0, 1).float() / 255 - 0.5) / 0.25, 0) for i in range(len(images))]
             loader = torch.utils.data.DataLoader(samples, batch_size=batch, shuffle=True)
 
-        def epoch() -> None:
+        # the loop's values bound as defaults: `rate` calls it within this iteration
+        def epoch(study=study, loader=loader, model=model, opt=opt, scaler=scaler, dev_images=dev_images,
+                  amp=amp) -> None:
             if study:
                 for x, y in loader:
                     x, y = x.to(device), y.to(device)
@@ -129,7 +132,7 @@ def teacher_embedding(device, n: int, study_batch: int = 1) -> list[dict]:
         x = torch.randn(n, 3, 224, 224, device=device, dtype=dtype)
 
         @torch.inference_mode()
-        def run() -> None:
+        def run(model=model, x=x, batch=batch) -> None:
             for i in range(0, n, batch):
                 model.encode_image(x[i:i + batch])
 
@@ -153,7 +156,8 @@ def input_path(device, images: int, size: int, batch: int, student: str, work: P
     train(TrainConfig(dataset="folder", data_root=made["eval"], pool=[made["pool"]], prompts=made["prompts"],
                       data=["unlabeled"], head="text", method="cosine", student=student, student_size=size,
                       epochs=2, batch_size=batch, warmup_epochs=0.0, teaching="cached", pick="last",
-                      pretrained=str(save_random_tiny_teacher(work / "tiny-random.safetensors", seed=0)), cache_dir=str(work / "cache"), out=str(out),
+                      pretrained=str(save_random_tiny_teacher(work / "tiny-random.safetensors", seed=0)),
+                      cache_dir=str(work / "cache"), out=str(out),
                       device=device.type, progress=False))
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train_loss" in line]
     return [{"what": f"student training, {student}, clipdistill train over a tar-shard pool (pixel store, "
@@ -178,7 +182,7 @@ def inference_table(device, batches: list[int], compile_too: bool) -> list[dict]
                 xi = x.contiguous(memory_format=torch.channels_last) if role == "student" else x
 
                 @torch.inference_mode()
-                def run() -> None:
+                def run(fn_model=fn_model, xi=xi) -> None:
                     fn_model(xi)
 
                 quick = device.type == "cpu"  # the dry run: one timed call proves the path

@@ -272,26 +272,28 @@ def main() -> int:
         same = {k: got.get(k) == v for k, v in ref.items()}
         rows.append({"point": i + 1, "planned": f"{stage} +{delay:.1f} s",
                      "killed at": f"{killed['killed_at']:.1f} s" if killed["killed_at"] is not None else "-",
-                     "stage": where, "pixel stores": stores, "live processes left": len(alive), "locks held": len(locks),
+                     "stage": where, "pixel stores": stores, "live processes left": len(alive),
+                     "locks held": len(locks),
                      "rerun": f"rc {again['rc']}, {again['seconds']:.0f} s",
                      "same model": "yes" if same.get("model.onnx") and same.get("model.int8.onnx", True) else "NO",
                      "same sidecar": "yes" if same.get("model.json") else "NO",
                      "same REPORT": "yes" if same.get("REPORT.md") else "NO",
                      "_detail": {"alive": alive, "locks": locks, "same": same}})
         r = rows[-1]
-        print(f"{r['point']:>2} {r['planned']:<22} killed {r['killed at']:>8} in {r['stage']:<24} (pixel stores {r['pixel stores']}) left "
+        print(f"{r['point']:>2} {r['planned']:<22} killed {r['killed at']:>8} in {r['stage']:<24} "
+              f"(pixel stores {r['pixel stores']}) left "
               f"{r['live processes left']} proc, {r['locks held']} locks; rerun {r['rerun']}; model {r['same model']}, "
               f"sidecar {r['same sidecar']}, REPORT {r['same REPORT']}", flush=True)
 
-    cols = ["point", "planned", "killed at", "stage", "pixel stores", "live processes left", "locks held", "rerun", "same model",
-            "same sidecar", "same REPORT"]
+    cols = ["point", "planned", "killed at", "stage", "pixel stores", "live processes left", "locks held", "rerun",
+            "same model", "same sidecar", "same REPORT"]
     ok = all(r["live processes left"] == 0 and r["locks held"] == 0 and r["same model"] == "yes" and
              r["same sidecar"] == "yes" and r["same REPORT"] == "yes" for r in rows)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     head = (f"# SIGKILL anywhere in fit-prompts, then the same command\n\n"
             f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}); example pool of {args.images} images at "
-            f"{args.size} px, `--epochs {args.epochs} --teaching online`; reference run {ref_res['seconds']:.0f} s; two "
-            f"uninterrupted runs {'identical' if deterministic else 'DIFFERENT'}. "
+            f"{args.size} px, `--epochs {args.epochs} --teaching online`; reference run {ref_res['seconds']:.0f} s; "
+            f"two uninterrupted runs {'identical' if deterministic else 'DIFFERENT'}. "
             f"`python benchmarks/kill_anywhere.py --points {args.points} --images {args.images} --size {args.size} "
             f"--epochs {args.epochs}`\n\n"
             f"Stages of the reference run (s): " + ", ".join(f"{n} {a:.1f}-{b:.1f}" for n, (a, b) in sp.items()) +

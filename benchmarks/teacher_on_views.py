@@ -34,8 +34,8 @@ def main() -> None:
 
     from clipdistill.data.pixels import to_float
     from clipdistill.distill.augment import AUGMENTATIONS, identity_views, sample_views
-    from clipdistill.distill.student_data import Rows
     from clipdistill.distill.context import RunContext
+    from clipdistill.distill.student_data import Rows
     from clipdistill.distill.teaching import teacher_pixels
     from clipdistill.study.experiments import build_config
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from clipdistill.cli import main
 from clipdistill.core.errors import ConfigError

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
-
+from clipdistill.core.errors import CacheMismatchError
 from clipdistill.teacher.cache import EmbeddingCache
 from clipdistill.teacher.embed import EmbedConfig, embed
-from clipdistill.core.errors import CacheMismatchError
 
 
 def _outputs(dataset, cache: EmbeddingCache, split: str = "train"):
@@ -95,9 +94,8 @@ def test_foreign_teacher_cache_is_refused(tmp_path, data_root, random_teacher_fi
     other = tmp_path / "other" / random_teacher_file.name
     other.parent.mkdir()
     import open_clip
-    from safetensors.torch import save_file
-
     import torch
+    from safetensors.torch import save_file
 
     torch.manual_seed(1)
     save_file({k: v.contiguous() for k, v in open_clip.create_model("tiny-shapes").state_dict().items()}, str(other))
@@ -169,8 +167,8 @@ def test_incomplete_cache_is_not_loaded(tmp_path):
 
 
 def test_folder_splits_never_fall_back_to_training_images_and_share_train_classes(tmp_path):
-    from clipdistill.data.datasets import create_dataset
     from clipdistill.core.errors import ConfigError
+    from clipdistill.data.datasets import create_dataset
 
     def img(path):  # distinct pixels per file: identical files would be one image of a pool
         path.parent.mkdir(parents=True, exist_ok=True)

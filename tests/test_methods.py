@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from clipdistill.core.errors import ConfigError
+from clipdistill.distill.methods import (
+    TERMS,
+    Batch,
+    Method,
+    MethodContext,
+    embedding_cosine,
+    embedding_mse,
+    kl_distillation,
+    label_cross_entropy,
+)
 from clipdistill.teacher.heads import TextHead
-from clipdistill.distill.methods import (TERMS, Batch, Method, MethodContext, embedding_cosine, embedding_mse,
-                                 kl_distillation, label_cross_entropy)
 
 
 def test_kl_of_identical_distributions_is_zero():

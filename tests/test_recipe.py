@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import kill_after_first_epoch, run_cli, train_kwargs
 
 from clipdistill.distill import checkpoint
 from clipdistill.distill.augment import AUGMENTATIONS, Mix, draw_mix, identity_views, render, sample_views
 from clipdistill.distill.config import TrainConfig
-from clipdistill.distill.methods import Batch, MethodContext, TERMS, label_cross_entropy
+from clipdistill.distill.methods import TERMS, Batch, MethodContext, label_cross_entropy
 from clipdistill.distill.train import train
 from clipdistill.distill.trainer import lr_factor
 
@@ -89,7 +88,8 @@ def test_labelled_images_weigh_as_much_as_unlabeled_ones():
     per_image = torch.nn.functional.cross_entropy(logits[[0, 4]], labels[[0, 4]], reduction="none")
     torch.testing.assert_close(label_cross_entropy(logits, labels), per_image.sum() / 8)
     everyone = torch.tensor([1, 0, 2, 3, 3, 4, 0, 1])  # all labelled: the plain mean
-    torch.testing.assert_close(label_cross_entropy(logits, everyone), torch.nn.functional.cross_entropy(logits, everyone))
+    torch.testing.assert_close(label_cross_entropy(logits, everyone),
+                               torch.nn.functional.cross_entropy(logits, everyone))
     assert label_cross_entropy(logits, torch.full((8,), -1)).item() == 0.0
 
 

@@ -6,13 +6,12 @@ import json
 import time
 
 import pytest
-
 from conftest import run_cli
 
+from clipdistill.distill.config import TrainConfig
 from clipdistill.study.experiments import EXPERIMENTS, SUITES, build_config, select
 from clipdistill.study.reproduce import ReproduceConfig, reproduce
 from clipdistill.teacher.evaluate import TeacherEvalConfig
-from clipdistill.distill.config import TrainConfig
 
 STUDY_ROWS = ["openclip_text", "openclip_linear", "resnet18_from_scratch", "resnet18_text_train",
               "resnet18_linear_train", "resnet18_text_train_unlabeled", "resnet18_linear_train_unlabeled",

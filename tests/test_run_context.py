@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import train_kwargs
 
 # Runs `clipdistill eval` as a user does, with every image the teacher embeds counted on the way

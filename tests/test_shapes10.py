@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipdistill.core.errors import ConfigError
 from clipdistill.data import shapes10
 from clipdistill.data.shapes10 import CAPTION_SEED, CLASSES, SPLITS, Shapes10, generate, generate_captioned
-from clipdistill.core.errors import ConfigError
 
 
 def test_classes_read_well_in_prompts():
@@ -86,15 +86,15 @@ def test_captions_name_the_class_and_its_attributes():
 def test_captions_are_mostly_right_and_wrong_only_one_way():
     _, captions, labels = generate_captioned(2000, 8, seed=9)
     named = [next(w for w in c.rstrip(".").split() if w in CLASSES) for c in captions]
-    right = np.mean([CLASSES[l] == n for l, n in zip(labels, named)])
+    right = np.mean([CLASSES[label] == n for label, n in zip(labels, named)])
     assert 0.85 < right < 1.0
-    for l, n in zip(labels, named):
-        if CLASSES[l] != n:
-            assert shapes10._MISNAMED_AS[CLASSES[l]] == n
+    for label, n in zip(labels, named):
+        if CLASSES[label] != n:
+            assert shapes10._MISNAMED_AS[CLASSES[label]] == n
     # the classes others are mistaken for are always named right
-    for l, n in zip(labels, named):
-        if CLASSES[l] in shapes10._MISNAMED_AS.values():
-            assert CLASSES[l] == n
+    for label, n in zip(labels, named):
+        if CLASSES[label] in shapes10._MISNAMED_AS.values():
+            assert CLASSES[label] == n
 
 
 def test_dataset_yields_pil_images_and_labels(tmp_path):

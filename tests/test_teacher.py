@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import run_cli
 
 from clipdistill.core.errors import ConfigError, MissingResourceError

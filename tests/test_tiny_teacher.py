@@ -13,13 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdistill.data import shapes10
 from clipdistill.core.errors import ConfigError
-from clipdistill.teacher import tiny
+from clipdistill.data import shapes10
 from clipdistill.data.pixels import normalize_uint8
 from clipdistill.data.shapes10 import PROMPT_TEMPLATES as TINY_PROMPT_TEMPLATES
-from clipdistill.teacher.tiny import (TINY_NAME, TinyTeacherConfig, ensure_tiny_teacher, pretrain_tiny_teacher,
-                                      register_model_configs)
+from clipdistill.teacher import tiny
+from clipdistill.teacher.tiny import (
+    TINY_NAME,
+    TinyTeacherConfig,
+    ensure_tiny_teacher,
+    pretrain_tiny_teacher,
+    register_model_configs,
+)
 
 SMALL = dict(steps=4, batch_size=16, n_captions=48, warmup_steps=2)
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import kill_after_first_epoch, run_cli, train_kwargs
 
-from clipdistill.distill import checkpoint
 from clipdistill.core.errors import ConfigError
+from clipdistill.distill import checkpoint
 from clipdistill.distill.config import TrainConfig
 from clipdistill.distill.train import train
 

@@ -216,9 +216,9 @@ def test_a_complete_cache_on_a_read_only_disk_serves(tmp_path, random_teacher_fi
     if why:
         pytest.skip(why)
     try:
-        rc, err = _cli(capsys, "embed", "--pretrained", str(random_teacher_file), "--cache-dir", str(tmp_path / "cache"),
-                       "--split", "test", "--max-images", "200", "--no-progress", "--workers", "0", "--data-root",
-                       str(tmp_path / "shared-data"))
+        rc, err = _cli(capsys, "embed", "--pretrained", str(random_teacher_file),
+                       "--cache-dir", str(tmp_path / "cache"), "--split", "test", "--max-images", "200",
+                       "--no-progress", "--workers", "0", "--data-root", str(tmp_path / "shared-data"))
         assert rc == 0 and "already complete" in err, err
         assert not (done.path / ".lock").exists()
     finally:

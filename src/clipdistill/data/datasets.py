@@ -194,10 +194,11 @@ class ImageFolder(FileDataset):
         if (base / split).is_dir():
             folder = base / split
         elif split == "test":
-            raise MissingSplitError(f"--data-root {root}: no test/ folder. Accuracy is measured on images kept apart from "
-                              f"training: put them in {base / 'test'}/<class>/ (same class names as train)", split)
+            raise MissingSplitError(f"--data-root {root}: no test/ folder. Accuracy is measured on images kept apart "
+                              f"from training: put them in {base / 'test'}/<class>/ (same class names as train)", split)
         elif by_split:
-            raise MissingSplitError(f"--data-root {root}: no {split}/ folder beside {', '.join(d + '/' for d in by_split)}; "
+            raise MissingSplitError(f"--data-root {root}: no {split}/ folder beside "
+                              f"{', '.join(d + '/' for d in by_split)}; "
                               f"add {base / split}/ or use the splits that exist", split)
         else:
             folder = base  # a single folder of images, for embed/predict-style use

@@ -7,8 +7,8 @@ from typing import Optional
 
 from ..core.config import Options, at_least, check, check_fields, option
 from .datasets import DATASETS, create_dataset, default_data_root
-from .protocol import ImageDataset
 from .prompts import read_prompt_file, read_templates
+from .protocol import ImageDataset
 
 # shapes10 renders a whole split in memory (n x size x size x 3 bytes) before caching it: its
 # 10,000 unlabeled images take 7.9 GB at 512 px. STL10 is 96 px; teachers read 224 to 512.
@@ -26,8 +26,8 @@ class DataOptions(Options, title="dataset"):
                                  f"{MAX_IMAGE_SIZE} (STL10 is 96)")
     max_images: int = option(0, "use only the first N images of each split (0 = all): quick trials",
                              valid=at_least(0, "0 = all"))
-    pool: list[str] = option(default_factory=list, help="folder dataset: unlabeled pools, comma-separated: any trees of "
-                                                        "images (sub-folders never mean classes) or tar shards "
+    pool: list[str] = option(default_factory=list, help="folder dataset: unlabeled pools, comma-separated: any trees "
+                                                        "of images (sub-folders never mean classes) or tar shards "
                                                         "('shards/pool-{000..099}.tar', WebDataset's form), indexed "
                                                         "and deduplicated; joined to DATA_ROOT/unlabeled/",
                              metavar="DIR|SHARDS[,...]")

@@ -148,7 +148,8 @@ class ArrayStore:
         except ClipDistillError as e:
             raise CacheDamagedError(str(e)) from None
         if not isinstance(manifest, dict) or manifest.get("format") != cls.FORMAT:
-            raise CacheDamagedError(f"{MANIFEST} is of format {manifest.get('format') if isinstance(manifest, dict) else '?'}"
+            raise CacheDamagedError(f"{MANIFEST} is of format "
+                                    f"{manifest.get('format') if isinstance(manifest, dict) else '?'}"
                                     f", not {cls.FORMAT} (made by another version of clipdistill)")
         return manifest
 
@@ -158,7 +159,8 @@ class ArrayStore:
         for key, want in owner.items():
             if want is not None and manifest.get(key) != want:
                 got = manifest.get(key)
-                detail = _diff(got, want) if isinstance(got, dict) and isinstance(want, dict) else f"{got!r} vs {want!r}"
+                detail = (_diff(got, want) if isinstance(got, dict) and isinstance(want, dict)
+                          else f"{got!r} vs {want!r}")
                 problems.append(f"{key} differs ({detail})")
         if shape is not None and any(manifest.get(k) != v for k, v in shape.items()):
             problems.append(f"shape differs: cached {'x'.join(str(manifest.get(k)) for k in shape)}, now "

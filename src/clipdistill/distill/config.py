@@ -10,9 +10,9 @@ from ..core.config import Options, Rule, above, at_least, check, check_fields, o
 from ..data.options import DataOptions
 from ..teacher.heads import ProbeConfig
 from ..teacher.options import TeacherOptions
+from .augment import AUGMENTATIONS
 from .methods import Method
 from .rundir import RunDir
-from .augment import AUGMENTATIONS
 
 TEACHING = ("auto", "cached", "online", "views")
 

@@ -88,7 +88,8 @@ class RunContext:
         self.precision = resolve_precision(cfg.amp, self.device, "student")
         self.amp_dtype = None if self.precision == "fp32" else dtype_of(self.precision)
         if self.precision == "fp16" and self.device.type == "cpu":
-            log.warning("warning: --amp fp16 on a CPU is emulated and many times slower than fp32 or bf16; use --amp auto")
+            log.warning("warning: --amp fp16 on a CPU is emulated and many times slower than fp32 or bf16; "
+                        "use --amp auto")
         torch.manual_seed(cfg.seed)
         self.model = create_student(cfg.student, self.method.out_dim(self.num_classes, self.embed_dim),
                                     cfg.student_pretrained).to(self.device)

@@ -30,7 +30,6 @@ from ..core.errors import ConfigError
 from ..core.registry import Registry
 from .augment import Mix
 
-
 # ----------------------------------------------------------------------------- loss functions
 
 def label_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -51,7 +50,8 @@ def kl_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     (`batchmean`, the true KL; the study's default `mean` also divided by the class count).
     The T^2 keeps gradient magnitudes comparable across temperatures."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=-1),
+                    F.log_softmax(teacher_logits.float() / t, dim=-1),
                     reduction="batchmean", log_target=True) * (t * t)
 
 

@@ -101,7 +101,8 @@ class RunDir:
         legacy = [self.checkpoints / f"{w}.pt" for w in CHECKPOINTS]
         if any(p.exists() for p in legacy) and not any(self.checkpoint(w).exists() for w in CHECKPOINTS):
             raise ConfigError(
-                f"{self.path} was written by clipdistill 0.1: its checkpoints ({', '.join(p.name for p in legacy if p.exists())}) "
+                f"{self.path} was written by clipdistill 0.1: its checkpoints "
+                f"({', '.join(p.name for p in legacy if p.exists())}) "
                 f"are pickles, which can run code when read, so clipdistill no longer reads them. Train it again: "
                 f"remove {self.path} (or give another --out) and run the same command.")
 

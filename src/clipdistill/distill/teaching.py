@@ -240,7 +240,9 @@ def _fill_views(ctx: "RunContext", aug: Augmentation, split_index: int, params: 
     name = ctx.data.names[split_index]
     ds = ctx.outs.datasets[name]
     k, n = params.shape[0], params.shape[1]
-    fingerprint = {**ds.fingerprint(), "views": k, "augment": json.loads(json.dumps(dataclasses.asdict(aug))),  # as the manifest reads back (tuples become lists)
+    fingerprint = {**ds.fingerprint(), "views": k,
+                   # as the manifest reads back (tuples become lists)
+                   "augment": json.loads(json.dumps(dataclasses.asdict(aug))),
                    "seed": cfg.seed,
                    "format": VIEWS_FORMAT}
     path = cache_path(cfg.cache_dir, teacher.slug, ds.slug(), f"{name}-views{k}-{aug.name}-seed{cfg.seed}")

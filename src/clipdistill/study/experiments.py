@@ -22,7 +22,8 @@ class Question:
 
 QUESTIONS = [
     Question("teacher", "How good is the teacher on this task?"),
-    Question("labels_vs_distill", "How does distillation compare to training with ground-truth labels? (train split only)"),
+    Question("labels_vs_distill", "How does distillation compare to training with ground-truth labels? "
+                                  "(train split only)"),
     Question("data", "How does the data used for distillation impact accuracy?"),
     Question("architecture", "How does the student architecture impact accuracy?"),
     Question("method", "How does the distillation method impact accuracy?"),

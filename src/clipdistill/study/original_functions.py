@@ -71,47 +71,56 @@ def precompute_clip_stl10_text_embeddings():
 # The study's training functions, each one row (experiment) of the stl10 suite.
 
 def train_resnet18_from_scratch() -> dict:
-    """The study's `train_resnet18_from_scratch`: runs (or reuses) experiment `resnet18_from_scratch` of the stl10 suite."""
+    """The study's `train_resnet18_from_scratch`:
+    runs (or reuses) experiment `resnet18_from_scratch` of the stl10 suite."""
     return _run("resnet18_from_scratch")
 
 
 def train_resnet18_zero_shot_train_only() -> dict:
-    """The study's `train_resnet18_zero_shot_train_only`: runs (or reuses) experiment `resnet18_text_train` of the stl10 suite."""
+    """The study's `train_resnet18_zero_shot_train_only`:
+    runs (or reuses) experiment `resnet18_text_train` of the stl10 suite."""
     return _run("resnet18_text_train")
 
 
 def train_resnet18_linear_probe_train_only() -> dict:
-    """The study's `train_resnet18_linear_probe_train_only`: runs (or reuses) experiment `resnet18_linear_train` of the stl10 suite."""
+    """The study's `train_resnet18_linear_probe_train_only`:
+    runs (or reuses) experiment `resnet18_linear_train` of the stl10 suite."""
     return _run("resnet18_linear_train")
 
 
 def train_resnet18_zero_shot() -> dict:
-    """The study's `train_resnet18_zero_shot`: runs (or reuses) experiment `resnet18_text_train_unlabeled` of the stl10 suite."""
+    """The study's `train_resnet18_zero_shot`:
+    runs (or reuses) experiment `resnet18_text_train_unlabeled` of the stl10 suite."""
     return _run("resnet18_text_train_unlabeled")
 
 
 def train_resnet18_linear_probe() -> dict:
-    """The study's `train_resnet18_linear_probe`: runs (or reuses) experiment `resnet18_linear_train_unlabeled` of the stl10 suite."""
+    """The study's `train_resnet18_linear_probe`:
+    runs (or reuses) experiment `resnet18_linear_train_unlabeled` of the stl10 suite."""
     return _run("resnet18_linear_train_unlabeled")
 
 
 def train_resnet34_linear_probe() -> dict:
-    """The study's `train_resnet34_linear_probe`: runs (or reuses) experiment `resnet34_linear_train_unlabeled` of the stl10 suite."""
+    """The study's `train_resnet34_linear_probe`:
+    runs (or reuses) experiment `resnet34_linear_train_unlabeled` of the stl10 suite."""
     return _run("resnet34_linear_train_unlabeled")
 
 
 def train_resnet50_linear_probe() -> dict:
-    """The study's `train_resnet50_linear_probe`: runs (or reuses) experiment `resnet50_linear_train_unlabeled` of the stl10 suite."""
+    """The study's `train_resnet50_linear_probe`:
+    runs (or reuses) experiment `resnet50_linear_train_unlabeled` of the stl10 suite."""
     return _run("resnet50_linear_train_unlabeled")
 
 
 def train_resnet18_embedding_text() -> dict:
-    """The study's `train_resnet18_embedding_text`: runs (or reuses) experiment `resnet18_embedding_text_train_unlabeled` of the stl10 suite."""
+    """The study's `train_resnet18_embedding_text`:
+    runs (or reuses) experiment `resnet18_embedding_text_train_unlabeled` of the stl10 suite."""
     return _run("resnet18_embedding_text_train_unlabeled")
 
 
 def eval_resnet18_embedding_linear() -> dict:
-    """The study's `eval_resnet18_embedding_linear`: runs (or reuses) experiment `resnet18_embedding_linear_train_unlabeled` of the stl10 suite."""
+    """The study's `eval_resnet18_embedding_linear`:
+    runs (or reuses) experiment `resnet18_embedding_linear_train_unlabeled` of the stl10 suite."""
     return _run("resnet18_embedding_linear_train_unlabeled")
 
 

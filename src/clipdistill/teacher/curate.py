@@ -161,5 +161,6 @@ def write_sheets(cur: Curation, dataset, out_dir: str | Path, n: int = 24) -> li
     paths.append(contact_sheet(load(cur.candidates[order]),
                                [cap(i, name=True) for i in order],
                                out / f"{NONE_SHEET}-top.png",
-                               title=f"matching no prompt: {len(none)} ({cur.options['negatives']}); the closest calls"))
+                               title=f"matching no prompt: {len(none)} ({cur.options['negatives']}); "
+                                     f"the closest calls"))
     return paths

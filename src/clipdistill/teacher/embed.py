@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 from ..core.config import check, option
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
+from ..core.workers import WorkerInit, auto_workers
 from ..data.images import is_final
 from ..data.options import DataOptions
 from ..data.store import KEPT, RETRY, SKIPPED, warn_skipped
-from ..core.workers import WorkerInit, auto_workers
 from .cache import CacheDamagedError, EmbeddingCache, cache_path
 from .openclip_teacher import Teacher, create_teacher
 from .options import TeacherOptions

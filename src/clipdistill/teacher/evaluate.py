@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 class TeacherEvalConfig(TeacherOptions, DataOptions):
     logit_scale: float = option(100.0, "text head: cosine similarities are multiplied by this (CLIP: 100)")
     probe_epochs: int = option(15, "linear probe epochs (the study: 15)")
-    probe_lr: float = option(3e-3, "linear probe Adam learning rate (the study: 3e-4, tuned for 512-d ViT-B-32 embeddings)")
+    probe_lr: float = option(3e-3, "linear probe Adam learning rate (the study: 3e-4, tuned for 512-d ViT-B-32 "
+                                   "embeddings)")
     probe_batch_size: int = option(64, "linear probe batch size (the study: 64)")
     probe_holdout: float = option(0.1, "fraction of train held out to pick the probe's epoch (never the test split)")
     seed: int = option(0, "random seed (>= 0)")

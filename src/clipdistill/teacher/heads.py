@@ -64,8 +64,9 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 
-def train_linear_probe(emb: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ProbeConfig = ProbeConfig()):
+def train_linear_probe(emb: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Optional[ProbeConfig] = None):
     """Returns (probe, info). Only rows with label >= 0 are used."""
+    cfg = cfg or ProbeConfig()
     keep = labels >= 0
     x_all = torch.from_numpy(np.asarray(emb[keep], dtype=np.float32))
     y_all = torch.from_numpy(np.asarray(labels[keep], dtype=np.int64))

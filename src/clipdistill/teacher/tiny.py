@@ -153,9 +153,8 @@ def pretrain_tiny_teacher(cfg: TinyTeacherConfig, out_path: str | os.PathLike, p
     Returns the stats, with the checkpoint's sha256."""
     import open_clip
     from open_clip.loss import ClipLoss
-    from tqdm import tqdm
-
     from safetensors.torch import save
+    from tqdm import tqdm
 
     from ..core.atomic import write_bytes, write_json
     from ..core.state import tensors_sha256
