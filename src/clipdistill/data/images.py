@@ -39,6 +39,27 @@ def is_final(error: BaseException) -> bool:
     return isinstance(error, UnreadableImage)
 
 
+class LoadedRows:
+    """Rows of a dataset, each loaded and passed through `transform`, for a DataLoader (the
+    teacher's preprocess when embedding, a resize when filling the pixel store). An unreadable
+    image becomes a hole, not a crash: item i is (transform(image), row, None) or
+    (None, row, (message, again)), `again` saying whether a later reading may succeed (a failed
+    read) or not (a file that is not an image)."""
+
+    def __init__(self, ds, transform, rows):
+        self.ds, self.transform, self.rows = ds, transform, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        idx = int(self.rows[i])
+        try:
+            return self.transform(self.ds.load(idx)), idx, None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and reported
+            return None, idx, (f"{self.ds.describe(idx)}: {type(e).__name__}: {e}", not is_final(e))
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):

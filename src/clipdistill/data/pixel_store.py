@@ -26,7 +26,7 @@ import numpy as np
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
 from ..core.workers import WorkerInit, auto_workers
-from .images import is_final
+from .images import LoadedRows
 from .store import KEPT, RETRY, SKIPPED, VALID, ArrayStore, CacheDamagedError, warn_skipped
 
 log = logging.getLogger(__name__)
@@ -123,31 +123,22 @@ class StoredPixels:
                 os.close(self._fd)
 
 
-class _Decoded:
-    """Image rows[i] decoded and resized to `size`, or why it could not be (a hole, not a crash):
-    (pixels, row, None) or (None, row, (message, again))."""
+class _Resized:
+    """An image as `size` x `size` uint8 pixels (bilinear), as the store holds it."""
 
-    def __init__(self, ds, size: int, rows):
-        self.ds, self.size, self.rows = ds, size, rows
+    def __init__(self, size: int):
+        self.size = size
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
+    def __call__(self, im) -> np.ndarray:
         from PIL import Image
 
-        idx = int(self.rows[i])
-        try:
-            im = self.ds.load(idx)
-            if im.size != (self.size, self.size):
-                im = im.resize((self.size, self.size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8), idx, None
-        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and reported
-            return None, idx, (f"{self.ds.describe(idx)}: {type(e).__name__}: {e}", not is_final(e))
+        if im.size != (self.size, self.size):
+            im = im.resize((self.size, self.size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
 
 
 def _outcome(items, size: int):
-    """A batch of _Decoded items as (rows, pixels, valid, skipped items for `commit`)."""
+    """A batch of LoadedRows items as (rows, pixels, valid, skipped items for `commit`)."""
     pixels = np.zeros((len(items), size, size, 3), dtype=np.uint8)
     valid = np.full(len(items), KEPT, dtype=np.uint8)
     errors = []
@@ -206,7 +197,7 @@ def _fill(store: PixelStore, ds, size: int, workers: int, batch: int, progress: 
     start = store.done
     if start:
         log.info("resuming %s at %d/%d", store.path, start, store.count)
-    loader = DataLoader(_Decoded(ds, size, range(start, store.count)), batch_size=batch, shuffle=False,
+    loader = DataLoader(LoadedRows(ds, _Resized(size), range(start, store.count)), batch_size=batch, shuffle=False,
                         num_workers=auto_workers(workers), collate_fn=_collate,
                         worker_init_fn=WorkerInit())
     bar = tqdm(total=store.count, initial=start, unit="img", desc=f"decode {ds.split} images at {size} px",
@@ -228,7 +219,7 @@ def _retry(store: PixelStore, ds, size: int, rows: np.ndarray, workers: int, bat
     """Decode again the rows whose reading failed in an earlier fill."""
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(_Decoded(ds, size, rows), batch_size=batch, shuffle=False,
+    loader = DataLoader(LoadedRows(ds, _Resized(size), rows), batch_size=batch, shuffle=False,
                         num_workers=auto_workers(workers), collate_fn=_collate, worker_init_fn=WorkerInit())
     for items in loader:
         idx, pixels, valid, errors = _outcome(items, size)

@@ -19,13 +19,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..core.config import check, option
 from ..core.errors import ClipDistillError, MissingResourceError
 from ..core.locks import exclusive
 from ..core.workers import WorkerInit, auto_workers
-from ..data.images import is_final
+from ..data.images import LoadedRows
 from ..data.options import DataOptions
 from ..data.store import KEPT, RETRY, SKIPPED, warn_skipped
 from .cache import CacheDamagedError, EmbeddingCache, cache_path
@@ -47,24 +47,6 @@ class EmbedConfig(TeacherOptions, DataOptions):
         check(bool(self.split), "split", "give a split name")
 
 
-class _Preprocessed(Dataset):
-    """Applies the teacher's preprocess to the given rows; an unreadable image becomes a hole,
-    not a crash: (tensor, row, None) or (None, row, (message, again))."""
-
-    def __init__(self, ds, preprocess, rows):
-        self.ds, self.preprocess, self.rows = ds, preprocess, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        idx = int(self.rows[i])
-        try:
-            return self.preprocess(self.ds.load(idx)), idx, None
-        except Exception as e:  # noqa: BLE001 - any unreadable file is skipped and reported
-            return None, idx, (f"{self.ds.describe(idx)}: {type(e).__name__}: {e}", not is_final(e))
-
-
 def _collate(items):
     ok = [x for x in items if x[0] is not None]
     x = torch.stack([t for t, _, _ in ok]) if ok else None
@@ -84,7 +66,7 @@ def _encode(teacher: Teacher, ds, x, ok_idx: list, where: str) -> np.ndarray:
 
 
 def _loader(teacher: Teacher, ds, rows, batch_size: int, workers: int) -> DataLoader:
-    return DataLoader(_Preprocessed(ds, teacher.preprocess, rows), batch_size=batch_size, shuffle=False,
+    return DataLoader(LoadedRows(ds, teacher.preprocess, rows), batch_size=batch_size, shuffle=False,
                       num_workers=auto_workers(workers), collate_fn=_collate, worker_init_fn=WorkerInit(),
                       pin_memory=teacher.device.type == "cuda")
 
