@@ -422,3 +422,31 @@ def test_renaming_a_photo_keeps_each_cache_row_on_its_image(tmp_path, random_tea
     fresh = teacher.encode_images(torch.stack([teacher.preprocess(Image.open(pool / by_value[v]).convert("RGB"))
                                                for v in values2]))
     np.testing.assert_allclose(emb, fresh.numpy(), atol=2e-2)  # each row holds its own image's embedding
+
+
+def test_a_store_that_cannot_be_written_serves_if_complete_else_names_the_fix(tmp_path, caplog):
+    """One policy for the pixel store and the embedding cache (data.store.unwritable): a folder
+    that refuses writing (read-only, not ours) serves a complete store as it is, with a warning
+    naming the rows it cannot try again; an incomplete one is refused naming --cache-dir; any
+    other OSError is not swallowed."""
+    import errno
+
+    from clipdistill.core.errors import ClipDistillError
+    from clipdistill.data.datasets import create_dataset
+    from clipdistill.data.pixel_store import fill_pixel_store
+    from clipdistill.data.store import unwritable
+
+    root = tmp_path / "pool"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(_png(40 * i + 7))
+    ds = create_dataset("folder", "unlabeled", "", pools=(str(root),), cache_dir=str(tmp_path / "c"))
+    store = fill_pixel_store(ds, tmp_path / "c", 8, workers=0)
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        with caplog.at_level("WARNING"):
+            assert unwritable(OSError(code, os.strerror(code)), store, "pixel store", store.path) is store
+        assert "0 images of the pixel store" in caplog.text
+        with pytest.raises(ClipDistillError, match=r"embedding cache .* cannot be written .*writable --cache-dir"):
+            unwritable(OSError(code, os.strerror(code)), None, "embedding cache", store.path)
+    with pytest.raises(OSError, match="No space"):
+        unwritable(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), store, "pixel store", store.path)

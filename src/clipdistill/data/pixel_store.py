@@ -13,7 +13,6 @@ a RETRY row, decoded again by the next filler."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sys
@@ -23,11 +22,11 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.errors import ClipDistillError, MissingResourceError
+from ..core.errors import MissingResourceError
 from ..core.locks import exclusive
 from ..core.workers import WorkerInit, auto_workers
 from .images import LoadedRows
-from .store import KEPT, RETRY, SKIPPED, VALID, ArrayStore, CacheDamagedError, warn_skipped
+from .store import KEPT, RETRY, SKIPPED, VALID, ArrayStore, CacheDamagedError, unwritable, warn_skipped
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +178,7 @@ def fill_pixel_store(ds, cache_dir: str | os.PathLike, size: int, workers: int =
             if len(again):
                 _retry(store, ds, size, again, workers, batch)
     except OSError as e:
-        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            if ready is not None:  # complete, only some reads to try again: it serves as it is
-                log.warning("%d images of the pixel store %s could not be read before and are not tried again: it "
-                            "cannot be written (%s)", len(ready.retry_rows()), path, e.strerror)
-                return ready
-            raise ClipDistillError(f"the pixel store {path} must be built but cannot be written ({e.strerror}); "
-                                   f"give a writable --cache-dir") from None
-        raise
+        return unwritable(e, ready, "pixel store", path)
     return store
 
 

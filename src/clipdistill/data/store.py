@@ -44,6 +44,20 @@ class CacheDamagedError(ClipDistillError):
     """A store's files disagree with its manifest, or its rows fail their check."""
 
 
+def unwritable(e: OSError, ready: Optional["ArrayStore"], what: str, path) -> "ArrayStore":
+    """A store that had to be written met a folder it cannot write (read-only, not ours): it is
+    served as it is when `ready` (complete but for reads to try again), else refused naming the
+    fix. Any other OSError is raised again."""
+    if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        raise e
+    if ready is None:
+        raise ClipDistillError(f"the {what} {path} must be (re)built but cannot be written ({e.strerror}); "
+                               f"give a writable --cache-dir") from None
+    log.warning("%d images of the %s %s could not be read before and are not tried again: it cannot be written "
+                "(%s)", len(ready.retry_rows()), what, path, e.strerror)
+    return ready
+
+
 def warn_skipped(logger: logging.Logger, errors) -> None:
     """Say what became of each image that could not be stored: (row, message, again)."""
     for _, message, again in errors:

@@ -9,7 +9,6 @@ ever after the file is back."""
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 import sys
@@ -27,7 +26,7 @@ from ..core.locks import exclusive
 from ..core.workers import WorkerInit, auto_workers
 from ..data.images import LoadedRows
 from ..data.options import DataOptions
-from ..data.store import KEPT, RETRY, SKIPPED, warn_skipped
+from ..data.store import KEPT, RETRY, SKIPPED, unwritable, warn_skipped
 from .cache import CacheDamagedError, EmbeddingCache, cache_path
 from .openclip_teacher import Teacher, create_teacher
 from .options import TeacherOptions
@@ -98,14 +97,7 @@ def fill_cache(teacher: Teacher, ds, path, batch_size: int = 256, workers: int =
             path.mkdir(parents=True, exist_ok=True)
             stack.enter_context(exclusive(path / ".lock"))
         except OSError as e:
-            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                if ready is not None:  # complete but for reads to try again: it serves as it is
-                    log.warning("%d images of the embedding cache %s could not be read before and are not tried "
-                                "again: it cannot be written (%s)", len(ready.retry_rows()), path, e.strerror)
-                    return ready
-                raise ClipDistillError(f"the embedding cache {path} must be (re)built but cannot be written "
-                                       f"({e.strerror}); give a writable --cache-dir") from None
-            raise
+            return unwritable(e, ready, "embedding cache", path)
         return _fill(teacher, ds, path, batch_size, workers, overwrite, progress)
 
 
