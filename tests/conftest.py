@@ -14,6 +14,15 @@ import pytest
 os.environ["CLIPDISTILL_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread,
+# itself and in the processes it starts: two workers of two threads on two cores crawl.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def pytest_addoption(parser):
     parser.addoption("--long", action="store_true",
@@ -75,11 +84,25 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bo
 
 
 @pytest.fixture(scope="session")
-def trained_teacher_file(cache_dir) -> Path:
-    """The real tiny-shapes teacher, as `make demo` builds it (about 80 s on two idle cores):
-    shorter pre-training gives a teacher too weak to test distillation against."""
-    from clipdistill.teacher.tiny import ensure_tiny_teacher
+def trained_teacher_file(cache_dir, tmp_path_factory) -> Path:
+    """The real tiny-shapes teacher, as `make demo` builds it (pre-trained on one thread for a minute
+    or two): shorter pre-training gives a teacher too weak to test distillation against. Under
+    pytest-xdist one worker pre-trains it for all (the others wait on the lock) and each worker's
+    cache links to it, where `--teacher tiny-shapes` finds it."""
+    from clipdistill.teacher.tiny import ensure_tiny_teacher, tiny_teacher_path
 
+    if WORKER:
+        from clipdistill.core.locks import exclusive
+
+        shared = tmp_path_factory.getbasetemp().parent / "shared-cache"
+        shared.mkdir(exist_ok=True)
+        with exclusive(shared / ".teacher.lock"):
+            made = Path(ensure_tiny_teacher(shared, progress=False))
+        mine = tiny_teacher_path(cache_dir)
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        for src, dst in ((made, mine), (made.with_suffix(".json"), mine.with_suffix(".json"))):
+            if not dst.exists():
+                os.link(src, dst)
     return Path(ensure_tiny_teacher(cache_dir))
 
 
