@@ -17,7 +17,9 @@ DEMO_ARGS ?=
 demo: $(VENV)/.installed
 	$(BIN)/clipdistill demo $(DEMO_ARGS)
 
+# ruff first (seconds): lint and import order, configured in pyproject.toml.
 test: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 # The tests that train a student to convergence (about 18 min more on two cores; not in `make test`).
@@ -26,6 +28,8 @@ test-long: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# .[test] = the train, device, video and compress extras + the suite's tools (pyproject.toml): `demo`
+# trains, so it needs `train`. The base install alone (`pip install clipdistill`) is the device's: predict.
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(if $(strip $(TORCH_PINS)),$(BIN)/pip install -q $(TORCH_PINS))

@@ -93,6 +93,13 @@ def test_qat_exports_qdq_onnx_that_onnxruntime_runs(compressed):
     for k in ("dense_fp32_accuracy", "ptq_accuracy", "fine_tuned_accuracy", "onnx_accuracy"):
         assert 0 <= r[k] <= 100
     assert abs(r["onnx_accuracy"] - r["fine_tuned_accuracy"]) <= 1.0
+    # the deployment bundle beside it (issue 25): OpenCV DNN loads the Q/DQ file, DeepStream builds it as INT8
+    from clipdistill.deploy.bundle import check_bundle
+
+    assert r["bundle"] == str(Path(r["path"]).with_name("model.qat.bundle"))
+    res = check_bundle(r["bundle"])
+    assert res["passed"], res
+    assert "network-mode=1" in (Path(r["bundle"]) / "deepstream" / "config_infer_primary_clipdistill.txt").read_text()
     assert r["dense_fp32_accuracy"] > 20  # a (briefly) trained student, chance 10%...
     assert r["fine_tuned_accuracy"] > r["dense_fp32_accuracy"] - 5  # ...keeps what it learnt
     # no --lr: the fine-tune runs at a third of the rate the run was trained at

@@ -8,20 +8,18 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
 import torch
-
 from conftest import cli_subprocess as _cli
+from PIL import Image
 from test_inputs import _trainer_pixels
 
-from clipdistill.distill import checkpoint
 from clipdistill.core.errors import ConfigError
+from clipdistill.data.shapes10 import CLASSES as SHAPES10_CLASSES
 from clipdistill.deploy.export import ExportConfig, export
 from clipdistill.deploy.parity import ParityError, check_parity
+from clipdistill.distill import checkpoint
 from clipdistill.distill.students import create_student
-
-from clipdistill.data.shapes10 import CLASSES as SHAPES10_CLASSES
 
 CLASSES = list(SHAPES10_CLASSES)
 
@@ -332,11 +330,14 @@ def test_bench_refuses_a_size_the_model_was_not_exported_at(exported):
 
 TRTEXEC_LOG = """\
 [12/04/2022-02:01:20] [I] [MemUsageChange] Init CUDA: CPU +328, GPU +0, now: CPU 347 (MiB), GPU 3458 (MiB)
-[12/04/2022-02:01:35] [I] [MemUsageChange] TensorRT-managed allocation in engine deserialization: CPU +0, GPU +44, now: CPU 1211 (MiB), GPU 3530 (MiB)
+[12/04/2022-02:01:35] [I] [MemUsageChange] TensorRT-managed allocation in engine deserialization: CPU +0, GPU +44, \
+now: CPU 1211 (MiB), GPU 3530 (MiB)
 [12/04/2022-02:01:36] [I] === Performance summary ===
 [12/04/2022-02:01:36] [I] Throughput: 31.8446 qps
-[12/04/2022-02:01:36] [I] Latency: min = 41.1393 ms, max = 41.3042 ms, mean = 41.273 ms, median = 41.2759 ms, percentile(90%) = 41.2895 ms, percentile(95%) = 41.2952 ms, percentile(99%) = 41.3042 ms
-[12/04/2022-02:01:36] [I] GPU Compute Time: min = 31.0, max = 31.3 ms, mean = 31.1 ms, median = 31.08 ms, percentile(99%) = 31.2 ms
+[12/04/2022-02:01:36] [I] Latency: min = 41.1393 ms, max = 41.3042 ms, mean = 41.273 ms, median = 41.2759 ms, \
+percentile(90%) = 41.2895 ms, percentile(95%) = 41.2952 ms, percentile(99%) = 41.3042 ms
+[12/04/2022-02:01:36] [I] GPU Compute Time: min = 31.0, max = 31.3 ms, mean = 31.1 ms, median = 31.08 ms, \
+percentile(99%) = 31.2 ms
 """
 
 

@@ -25,7 +25,7 @@ def small_pool(tmp_path_factory) -> Path:
 
 def test_pool_nested_dedup_and_broken_counted(small_pool, tmp_path):
     from clipdistill.data.datasets import create_dataset
-    from clipdistill.data.pool import index_pool, index_path
+    from clipdistill.data.pool import index_path, index_pool
 
     idx = index_pool([small_pool / "pool"], tmp_path)
     assert idx.counts() == {"files": 400 + 12 + 3, "images": 400, "duplicates": 12, "broken": 3}
@@ -130,6 +130,16 @@ def test_fit_prompts_writes_everything_and_counts(fitted, capsys):
     assert meta["prompts"] == ["a circle", "a crescent", "a heart", "a star"]
     assert 0 <= meta["reject_threshold"] < 1 and meta["reject_calibration"]["score"]
     assert (out / "model.int8.onnx").is_file()
+    # the deployment bundle (issue 25): both files, and DeepStream thresholds at the calibrated reject threshold
+    from clipdistill.deploy.bundle import check_bundle
+    from clipdistill.deploy.targets.deepstream import read_config
+
+    assert s["export"]["bundle"] == str(out / "model.bundle")
+    assert json.loads((out / "model.bundle" / "manifest.json").read_text())["models"] == ["model.onnx",
+                                                                                         "model.int8.onnx"]
+    ds = read_config(out / "model.bundle" / "deepstream" / "config_infer_primary_clipdistill.txt")
+    assert float(ds["classifier-threshold"]) == pytest.approx(meta["reject_threshold"], abs=1e-6)
+    assert check_bundle(out / "model.bundle")["passed"]
     q = s["quality"]
     assert np.asarray(q["confusion_vs_teacher"]["counts"]).sum() == q["held_out_images"] == 40
     report = (out / "REPORT.md").read_text()

@@ -14,10 +14,11 @@ import errno
 import importlib
 import json
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
+from .core import extras
 from .core.errors import ClipDistillError, ConfigError
 from .core.registry import Registry
 
@@ -36,6 +37,10 @@ class Verb:
     failures: Optional[str] = None  # "module:function(result) -> list[str]": said on stderr; any makes exit 1
     inputs: Optional[dict] = None  # a positional argument (argparse's keywords), given to run as `inputs`
     streams: bool = False  # run(cfg, ..., emit=) hands each item over as it comes; printed at once, as the result
+    needs: tuple[str, ...] = ()  # install extras it cannot run without (core/extras.py): checked before its flags
+
+
+TRAIN = ("train",)  # the verbs that train, embed or export: torch, timm, open_clip, ...
 
 
 VERBS: Registry[Verb] = Registry("verb")
@@ -60,7 +65,7 @@ VERBS.add("embed", Verb(
     "examples:\n  clipdistill embed --dataset shapes10 --split unlabeled\n"
     "  clipdistill embed --teacher ViT-B-32 --pretrained laion2b_s34b_b79k --dataset stl10 --split train "
     "--data-root ~/data\n  clipdistill embed --dataset folder --data-root ~/my_images --split train",
-    ".teacher.embed:EmbedConfig", ".cli:_embed", ".cli:_embed_text"))
+    ".teacher.embed:EmbedConfig", ".cli:_embed", ".cli:_embed_text", needs=TRAIN))
 
 VERBS.add("make-pool", Verb(
     "write an offline example of your own job: a nested pool of photos, prompts and a labelled test folder",
@@ -70,7 +75,7 @@ VERBS.add("make-pool", Verb(
     "folders. What `fit-prompts` is measured on.\n\n"
     "examples:\n  clipdistill make-pool --out my-pool\n"
     "  clipdistill make-pool --out my-pool --classes ring,cross,square,heart --seed 1",
-    ".data.example_pool:PoolConfig", ".data.example_pool:make_pool", ".cli:_pool_text", json=JSON_HELP))
+    ".data.example_pool:PoolConfig", ".data.example_pool:make_pool", ".cli:_pool_text", json=JSON_HELP, needs=TRAIN))
 
 VERBS.add("teacher-eval", Verb(
     "zero-shot and linear-probe accuracy of the teacher (the study's first table)",
@@ -80,7 +85,7 @@ VERBS.add("teacher-eval", Verb(
     "examples:\n  clipdistill teacher-eval                      # tiny-shapes teacher on shapes10, offline\n"
     "  clipdistill teacher-eval --teacher ViT-B-32 --dataset stl10 --json",
     ".teacher.evaluate:TeacherEvalConfig", ".teacher.evaluate:teacher_eval", ".cli:_teacher_eval_text", json=JSON_HELP,
-    json_omit=("config",)))
+    json_omit=("config",), needs=TRAIN))
 
 
 VERBS.add("train", Verb(
@@ -97,19 +102,19 @@ VERBS.add("train", Verb(
     "  clipdistill train --method kl --head linear --data train,unlabeled\n"
     "  clipdistill train --method kl --head text --logit-scale 1 --data train,unlabeled   # the study's T=1 text row\n"
     "  clipdistill train --method mse --head text --data train,unlabeled --student resnet34",
-    ".distill.config:TrainConfig", ".distill.train:train", ".cli:_run_text", json=JSON_HELP))
+    ".distill.config:TrainConfig", ".distill.train:train", ".cli:_run_text", json=JSON_HELP, needs=TRAIN))
 
 VERBS.add("eval", Verb(
     "test accuracy and teacher agreement of a trained run",
     "Loads the run's best checkpoint and writes RUN/result.json with test_accuracy, teacher_agreement and "
     "per-class accuracy (percent).\n\nexample:\n  clipdistill eval --run runs/shapes10-resnet18-kl-auto-train",
-    ".distill.evaluate:EvalConfig", ".distill.evaluate:evaluate_run", ".cli:_run_text", json=JSON_HELP))
+    ".distill.evaluate:EvalConfig", ".distill.evaluate:evaluate_run", ".cli:_run_text", json=JSON_HELP, needs=TRAIN))
 
 
 VERBS.add("experiments", Verb(
     "list the study's experiments and their settings, per suite",
     "Each experiment is one row of the study's tables, built from the same config as `clipdistill train`.",
-    ".cli:NoConfig", ".cli:_experiments", ".cli:_experiments_text"))
+    ".cli:NoConfig", ".cli:_experiments", ".cli:_experiments_text", needs=TRAIN))
 
 VERBS.add("reproduce", Verb(
     "run the study's experiments and write RESULTS.md, results.json and plots",
@@ -118,7 +123,7 @@ VERBS.add("reproduce", Verb(
     "examples:\n  clipdistill reproduce --suite shapes10 --full          # offline, CPU\n"
     "  clipdistill reproduce --suite stl10 --data-root ~/data     # the study, on a GPU machine\n"
     "  clipdistill reproduce --suite stl10 --only resnet18_linear_train_unlabeled",
-    ".study.reproduce:ReproduceConfig", ".study.reproduce:reproduce", ".cli:_report_text"))
+    ".study.reproduce:ReproduceConfig", ".study.reproduce:reproduce", ".cli:_report_text", needs=TRAIN))
 
 VERBS.add("demo", Verb(
     "the study replayed offline on shapes10 with the tiny teacher (what `make demo` runs)",
@@ -126,7 +131,7 @@ VERBS.add("demo", Verb(
     "teacher zero-shot and probe; from scratch vs distilled on train only; the gain from unlabeled data; "
     "KL vs MSE. --full adds the student sizes and the remaining rows. Generates shapes10 and pre-trains the "
     "tiny teacher on first use (cached).",
-    ".study.reproduce:DemoConfig", ".study.reproduce:demo", ".cli:_demo_text"))
+    ".study.reproduce:DemoConfig", ".study.reproduce:demo", ".cli:_demo_text", needs=TRAIN))
 
 
 @dataclass
@@ -147,7 +152,7 @@ VERBS.add("export", Verb(
     "  clipdistill export --run runs/RUN --size 224 --int8          # the study's 224 px setting\n"
     "  clipdistill export --run runs/RUN --int8 --int8-target tensorrt   # symmetric int8 for TensorRT\n"
     "  clipdistill export --teacher ViT-B-32 --pretrained random --out vit-b-32.onnx   # speed/memory only",
-    ".deploy.export:ExportConfig", ".deploy.export:export", json=JSON_HELP, json_omit=("info",)))
+    ".deploy.export:ExportConfig", ".deploy.export:export", json=JSON_HELP, json_omit=("info",), needs=TRAIN))
 
 VERBS.add("compress", Verb(
     "QAT (INT8 Q/DQ) or 2:4 sparsity of a trained student, in the form TensorRT builds",
@@ -158,7 +163,21 @@ VERBS.add("compress", Verb(
     "trtexec command that builds it on a TensorRT machine.\n\n"
     "examples:\n  clipdistill compress --run runs/RUN --mode qat\n"
     "  clipdistill compress --run runs/RUN --mode sparse24 --epochs 5",
-    ".deploy.compress:CompressConfig", ".deploy.compress:compress", ".deploy.compress:text", json=JSON_HELP))
+    ".deploy.compress:CompressConfig", ".deploy.compress:compress", ".deploy.compress:text", json=JSON_HELP,
+    needs=("train", "compress")))
+
+VERBS.add("check-bundle", Verb(
+    "check a deployment bundle: its manifest, a lint of each ONNX file, and every runtime's files",
+    "Re-verifies the sha256 of every file of a bundle (OUT.bundle/, written by export, compress and fit-prompts) "
+    "and its modes (0644/0755), lints every ONNX file with `polygraphy check lint`, and runs each runtime's own "
+    "check: jetson-inference's preprocessing emulated on real images against predict's, DeepStream's formula on its "
+    "config's numbers, the Triton config parsed with Triton's protobuf, OpenCV DNN against ONNX Runtime, the timm "
+    "folder loaded with timm. One pass/fail line per file and target; a check that cannot run here says `skip` "
+    "and why. Exit 1 on any failure.\n\n"
+    "examples:\n  clipdistill check-bundle runs/RUN/model.bundle\n"
+    "  clipdistill check-bundle runs/mine/model.bundle --images 0   # no test images: structure and formulas only",
+    ".deploy.bundle:CheckBundleConfig", ".deploy.bundle:run", ".deploy.bundle:text", json=JSON_HELP,
+    failures=".deploy.bundle:failures", inputs={"metavar": "DIR", "help": "the bundle folder (OUT.bundle/)"}))
 
 VERBS.add("bench", Verb(
     "throughput, latency and memory of ONNX models per backend; the student/teacher table",
@@ -184,7 +203,7 @@ VERBS.add("fit-prompts", Verb(
     "--out runs/demo-fit\n"
     "  clipdistill fit-prompts --teacher ViT-B-32 --pretrained laion2b_s34b_b79k --prompts classes.txt "
     "--pool ~/Pictures --out runs/mine",
-    ".fit.config:FitConfig", ".fit.pipeline:fit_prompts", ".cli:_fit_text", json=JSON_HELP))
+    ".fit.config:FitConfig", ".fit.pipeline:fit_prompts", ".cli:_fit_text", json=JSON_HELP, needs=TRAIN))
 
 VERBS.add("predict", Verb(
     "top-k classes per image from an exported ONNX model (ONNX Runtime, numpy and Pillow only)",
@@ -197,7 +216,7 @@ VERBS.add("predict", Verb(
          "a line {source, truncated, frames_in_header, frames_read})",
     inputs={"nargs": "*", "metavar": "IMAGE_FOLDER_OR_VIDEO",
             "help": "image files, folders of images, and/or video files (.mp4, .avi, .mov, ...)"},
-    streams=True))
+    streams=True, needs=("device",)))
 
 
 # ------------------------------------------------------------------------------ results as text
@@ -313,7 +332,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     verb = argv[0]
     if verb not in VERBS:
         _top_parser().error(f"unknown verb {verb!r}; valid: {', '.join(VERBS)}")
-    parser = build_parser(verb)
+    gone = extras.missing(VERBS.get(verb).needs)
+    if gone:  # the device's light install: one line that says what to install, not a traceback
+        _stderr(extras.message(verb, gone))
+        return ConfigError.exit_code
+    try:
+        parser = build_parser(verb)
+    except ModuleNotFoundError as e:
+        return _missing_module(verb, e)
     args = parser.parse_args(argv[1:])
     from .core.config import from_namespace
     from .core.logs import setup
@@ -330,6 +356,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         _stderr(f"clipdistill {verb}: interrupted; run the same command again to resume")
         return 130
+    except ModuleNotFoundError as e:
+        return _missing_module(verb, e)
     except OSError as e:  # a path that cannot be made or written: its name is in the message
         where = f" {e.filename}" if getattr(e, "filename", None) else ""
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -340,6 +368,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"paths (a folder where a file is expected, or the reverse, or no permission)")
         return 1
     return 0
+
+
+def _missing_module(verb: str, e: ModuleNotFoundError) -> int:
+    """A package of an install extra that the verb's `needs` did not name, met on the way: the same
+    one line (which extra installs it); any other missing module is a bug, with its traceback."""
+    extra = extras.extra_of(e.name, VERBS.get(verb).needs)
+    if extra is None:
+        raise e
+    _stderr(extras.message(verb, {extra: [e.name.split(".")[0]]}))
+    return ConfigError.exit_code
 
 
 def _show(result: dict, cfg, text, as_json: bool, flush: bool = False) -> None:

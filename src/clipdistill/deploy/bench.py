@@ -11,10 +11,15 @@ figure repeats from run to run.
 
 Backends (`--backend`): ort-cpu, ort-cuda, ort-trt (ONNX Runtime execution providers),
 torch (the same architecture rebuilt in PyTorch, random weights: speed and memory only),
-trtexec (TensorRT's own benchmark, run with --fp16, plus --int8 for QDQ models; its own
-figures are parsed). A backend that is not installed is reported as skipped, never
-estimated. The records go to bench.json; the table and the student/teacher ratios are
-printed.
+trtexec (TensorRT's own benchmark: an optimization profile for batches 1 to --batch, run at
+--batch, with --fp16, plus --int8 for Q/DQ models, --sparsity=enable for 2:4 ones; its own figures
+are parsed). A backend that is not installed is reported as skipped, never estimated, and so is
+a file a backend cannot take (the cpu-target INT8 file on TensorRT). The records go to
+bench.json; the table and the student/teacher ratios are printed.
+
+Each row says which runtime its file's form is for (deploy/tensorrt.py `FORMS`, read from the
+file's metadata): a Q/DQ INT8 file made for TensorRT runs slower than fp32 in ONNX Runtime on a
+CPU, and the table says so rather than let it read as a regression.
 
 Where the records go is settled before anything is measured (`BenchConfig.__post_init__`): a
 folder given as --out gets bench.json inside it, and a path that cannot be a file (under a
@@ -150,6 +155,7 @@ def describe_model(path: str) -> dict:
     """What bench needs to know about an ONNX file: from its sidecar when there is one
     (cheap), else from the file itself (its metadata and input shape)."""
     from .model_file import check_onnx_file
+    from .tensorrt import FORMS, form_of, form_of_graph
 
     p = Path(path)
     check_onnx_file(p)  # a huge file that is not ONNX is refused before onnx.load reads it whole
@@ -161,6 +167,7 @@ def describe_model(path: str) -> dict:
         except ValueError:
             meta = {}
     dims = None
+    form = None
     if not meta:
         import onnx
 
@@ -172,6 +179,8 @@ def describe_model(path: str) -> dict:
         props = {q.key: q.value for q in model.metadata_props}
         if "clipdistill" in props:
             meta = json.loads(props["clipdistill"])
+        else:
+            form = form_of_graph(p)
         inp = model.graph.input[0]
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
         input_name = inp.name
@@ -181,10 +190,12 @@ def describe_model(path: str) -> dict:
     fixed = bool(meta) or (dims is not None and len(dims) == 4 and dims[2] is not None)
     if size is None and dims is not None and len(dims) == 4:
         size = dims[2]
+    form = form_of(meta) or form or "fp32"
     return {"path": str(p), "name": meta.get("name", p.stem), "role": meta.get("role", "unknown"),
             "precision": meta.get("precision", "fp32"), "size": size, "fixed_size": fixed,
             "arch": meta.get("arch"), "input_name": input_name,
-            "quantization": (meta.get("quantization") or {}).get("target")}
+            "quantization": (meta.get("quantization") or {}).get("target"), "form": form,
+            "form_label": FORMS[form].label}
 
 
 def _row_size(cfg: BenchConfig, m: dict) -> int:
@@ -261,7 +272,7 @@ def _worker_ort(spec: dict) -> dict:
     options: dict = {}
     precision = spec["precision"]
     if provider == "tensorrt":
-        int8 = precision == "int8"
+        int8 = spec.get("form") == "int8-qdq"
         options = {"trt_fp16_enable": spec["trt_precision"] == "fp16", "trt_int8_enable": int8}
         precision = "+".join(p for p, on in (("int8", int8), ("fp16", spec["trt_precision"] == "fp16")) if on) \
             or "fp32"
@@ -333,15 +344,30 @@ def parse_trtexec(text: str) -> dict:
             "memory_mb": (max(gpu) - gpu[0]) if len(gpu) >= 2 else None}
 
 
+def trtexec_bench_flags(spec: dict, dims: Optional[list] = None) -> list[str]:
+    """The shape and precision flags of a trtexec row: the profile `trtexec_command` writes for the
+    bundle (batches 1 to --batch, from the file's input dims; run at its opt shape, --batch), and
+    the form's precision flags (--fp16 only with --trt-precision fp16)."""
+    from .tensorrt import FORMS, shape_flags
+
+    if dims is None:
+        try:
+            from .tensorrt import input_dims
+
+            dims = input_dims(spec["model"])[1]
+        except ImportError:  # no onnx on the device: our files have a dynamic batch only
+            dims = [None, 3, spec["size"], spec["size"]]
+    flags = [f for f in FORMS[spec.get("form") or "fp32"].flags
+             if f != "--fp16" or spec["trt_precision"] == "fp16"]
+    return shape_flags(spec["input_name"], dims, spec["size"], spec["batch"]) + flags
+
+
 def _worker_trtexec(spec: dict) -> dict:
-    int8 = spec["precision"] == "int8"
+    int8 = spec.get("form") == "int8-qdq"
     fp16 = spec["trt_precision"] == "fp16"
-    cmd = [trtexec_binary(), f"--onnx={spec['model']}",
-           f"--shapes={spec['input_name']}:{spec['batch']}x3x{spec['size']}x{spec['size']}",
+    cmd = [trtexec_binary(), f"--onnx={spec['model']}", *trtexec_bench_flags(spec),
            f"--warmUp={max(200, 50 * spec['warmup'])}", f"--iterations={spec['iters']}",
            f"--duration={max(1, int(spec['max_seconds'] // 4))}"]
-    cmd += ["--fp16"] if fp16 else []
-    cmd += ["--int8"] if int8 else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=spec["max_seconds"] + 900)
     if proc.returncode != 0:
         raise ClipDistillError(f"trtexec exited {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
@@ -384,6 +410,9 @@ def _skip_reason(backend: str, m: dict) -> Optional[str]:
     reason = BACKENDS.get(backend).missing()
     if reason:
         return reason
+    if backend in ("trtexec", "ort-trt") and m["form"] == "int8-cpu":
+        return ("the cpu-target INT8 file is ONNX Runtime's CPU form (uint8 Q/DQ), which TensorRT's parser refuses; "
+                "bench the tensorrt-target file (`export --int8 --int8-target tensorrt`) there")
     if backend == "torch":
         if not m["arch"]:
             return "the ONNX file carries no architecture to rebuild in PyTorch (not written by clipdistill export)"
@@ -424,6 +453,7 @@ def bench(cfg: BenchConfig) -> dict:
                    "error": None, "machine": machine}
             if m["quantization"]:
                 rec["int8_target"] = m["quantization"]
+            rec["form"], rec["form_label"] = m["form"], m["form_label"]
             reason = _skip_reason(backend, m)
             if reason:
                 rec["skipped"] = reason
@@ -433,7 +463,7 @@ def bench(cfg: BenchConfig) -> dict:
             spec = {"model": m["path"], "backend": backend, "batch": cfg.batch, "size": size,
                     "warmup": cfg.warmup, "iters": cfg.iters, "max_seconds": cfg.max_seconds,
                     "threads": cfg.threads, "arch": m["arch"], "precision": m["precision"],
-                    "trt_precision": cfg.trt_precision, "input_name": m["input_name"]}
+                    "trt_precision": cfg.trt_precision, "input_name": m["input_name"], "form": m["form"]}
             rec["load_average_1m"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             got = measure(spec, timeout=cfg.max_seconds * 3 + 600)
             if "error" in got:
@@ -476,17 +506,18 @@ def _fmt(v, spec: str) -> str:
 
 def table(records: list[dict]) -> str:
     """The study's deployment table, in Markdown (skipped backends are listed apart)."""
-    head = "| model | role | backend | image size | batch | precision | FPS | latency p50 / p99 (ms) | memory (MB) |"
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | role | backend | image size | batch | precision | form (the runtime it is for) | FPS | "
+            "latency p50 / p99 (ms) | memory (MB) |")
+    lines = [head, "|" + "---|" * 10]
     for r in records:
         if r.get("skipped"):
             continue
         if r.get("error"):
             lines.append(f"| {Path(r['model']).name} | {r['role']} | {r['backend']} | {r['size']} | {r['batch']} | "
-                         f"{r['precision']} | failed: {r['error'][:80]} | | |")
+                         f"{r['precision']} | {r.get('form_label', '-')} | failed: {r['error'][:80]} | | |")
             continue
         lines.append(f"| {Path(r['model']).name} | {r['role']} | {r['backend']} | {r['size']} | {r['batch']} | "
-                     f"{r['precision']} | {r['fps']:.1f} | {r['latency_ms_p50']:.1f} / "
+                     f"{r['precision']} | {r.get('form_label', '-')} | {r['fps']:.1f} | {r['latency_ms_p50']:.1f} / "
                      f"{_fmt(r['latency_ms_p99'], '.1f')} | {_fmt(r['memory_mb'], '.0f')} |")
     return "\n".join(lines)
 

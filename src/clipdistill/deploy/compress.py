@@ -44,15 +44,20 @@ from ..distill.config import OptimiserOptions, RunOptions, TrainConfig
 from ..distill.record import StudentRecord
 from ..distill.rundir import RunDir
 from ..teacher.options import TeacherOptions
+from .bundle import BundleOptions, write_for
 from .deployable import load_student
 from .inputs import prepare
 from .parity import ParityError, parity_inputs
 from .runtime import onnx_accuracy
+from .tensorrt import requirements, trtexec_command
 from .writer import FORMAT, converted, write
 
 log = logging.getLogger(__name__)
 
 MODES = ("qat", "ptq", "sparse24")
+# ONNX's QuantizeLinear/DequantizeLinear take a per-axis scale (the `axis` attribute) from opset 13
+# (onnx/docs/Changelog.md, DequantizeLinear-13); Model Optimizer's weights are per output channel.
+MIN_QDQ_OPSET = 13
 
 
 # compress is a preset over `clipdistill train`'s options, as fit-prompts is: the ones it shows as
@@ -78,7 +83,7 @@ FINE_TUNE = {"warmup_epochs": 0.0, "schedule": "cosine", "amp": "fp32", "channel
 
 # Listed last-flag-first, as TrainConfig's groups are.
 @dataclasses.dataclass
-class CompressConfig(CompressRun, CompressData, CompressCache, CompressOptimiser):
+class CompressConfig(BundleOptions, CompressRun, CompressData, CompressCache, CompressOptimiser):
     run: str = option("", "run folder written by `clipdistill train` (its best checkpoint is compressed)",
                       metavar="DIR")
     mode: str = option("qat", "qat: INT8 fake quantization then a fine-tune; ptq: the INT8 calibration alone; "
@@ -91,12 +96,21 @@ class CompressConfig(CompressRun, CompressData, CompressCache, CompressOptimiser
                               valid=Rule(lambda v: v > 0, "must be > 0"))
     control: bool = option(False, "also fine-tune an uncompressed copy the same way (epochs, lr, seed) and report "
                                    "its accuracy: whether a change comes from the compression or from the extra epochs")
+    opset: int = option(17, "ONNX opset of the file (7 to 23; qat/ptq: 13 or more, the first with per-channel "
+                            "DequantizeLinear). TensorRT 8.2 (JetPack 4.6) parses opset <= 13, 8.5/8.6 "
+                            "(JetPack 5.1/6.0) <= 17", valid=Rule(lambda v: 7 <= v <= 23, "must be between 7 and 23"))
 
     def __post_init__(self) -> None:
         check(bool(self.run) and Path(self.run).is_dir(), "run", "give a run folder made by `clipdistill train`")
         check(RunDir(self.run).best.is_file(), "run", f"{self.run} has no best checkpoint; train it first")
         check_fields(self)
         check(not (self.control and self.mode == "ptq"), "control", "ptq does not fine-tune: nothing to control for")
+        check(self.mode == "sparse24" or self.opset >= MIN_QDQ_OPSET, "opset",
+              f"{self.opset} cannot carry {self.mode}'s INT8 Q/DQ: its per-channel weight scales need "
+              f"DequantizeLinear's axis, which ONNX has from opset {MIN_QDQ_OPSET}; "
+              f"give --opset {MIN_QDQ_OPSET} or more "
+              f"(TensorRT 8.2 / JetPack 4.6 parses up to 13)")
+        self._check_bundle()
 
     @property
     def out_path(self) -> Path:
@@ -192,7 +206,7 @@ def rounding_envelope(module: torch.nn.Module, x: torch.Tensor, reference: np.nd
     for seed in range(seeds):
         g = torch.Generator().manual_seed(seed)
 
-        def nudge(m, i, o):
+        def nudge(m, i, o, g=g):
             return o * (1 + rel * (torch.rand(o.shape, generator=g) * 2 - 1))
 
         hooks = [m.register_forward_hook(nudge) for m in module.modules()
@@ -313,7 +327,7 @@ def compress(cfg: CompressConfig) -> dict:
     out = cfg.out_path
     out.parent.mkdir(parents=True, exist_ok=True)
     envelope = 2 * rounding_envelope(loaded.module, torch.from_numpy(x), reference) if cfg.mode != "sparse24" else 0.0
-    with converted(loaded.module, x, reference, out.parent, "compress", "torchscript", 17, cfg.tolerance,
+    with converted(loaded.module, x, reference, out.parent, "compress", "torchscript", cfg.opset, cfg.tolerance,
                    f" ({cfg.mode})", envelope=envelope) as onnx_file:
         tmp_path, exp, parity = onnx_file.path, onnx_file.exporter, onnx_file.parity
         test = ctx.outs.datasets["test"]
@@ -333,12 +347,15 @@ def compress(cfg: CompressConfig) -> dict:
             fr = [fraction_24(numpy_helper.to_array(t)) for t in graph.initializer if len(t.dims) in (2, 4)]
             result["onnx_initializers_2to4"] = sum(f == 1.0 for f in fr if f is not None)
         precision = "int8-qdq" if cfg.mode != "sparse24" else "fp32-2:4"
-        flags = "--int8 --fp16" if cfg.mode != "sparse24" else "--fp16 --sparsity=enable"
+        # the engine for batches 1 to --bundle-batch, precision flags per form (deploy/tensorrt.py)
+        trt = {**info, "precision": precision}
         info = {**info, "format": info.get("format", FORMAT), "precision": precision, "exporter": exp,
                 "parity": {**parity, "inputs": where}, "compression": result,
-                "trtexec": f"trtexec --onnx={out.name} {flags} --saveEngine={out.stem}.engine",
+                "trtexec": trtexec_command(tmp_path, trt, cfg.bundle_batch, shown=out.name),
+                "tensorrt": requirements(tmp_path, trt),
                 "accuracy": {"onnx_test_accuracy": onnx_acc, "source": f"ONNX Runtime CPU, {test.name} test"}}
         write(tmp_path, out, info)
+    result["bundle"] = write_for(cfg, [out])
     result.update({"path": str(out), "trtexec": info["trtexec"], "seconds": round(time.time() - t0, 1)})
     atomic.write_json(out.with_suffix(".result.json"), result)
     log.info("wrote %s (%s): test accuracy %.2f%% in ONNX Runtime; on a TensorRT machine: %s", out, precision,

@@ -27,12 +27,14 @@ from ..core.config import check, default_cache_dir, option
 from ..core.errors import ClipDistillError, ConfigError, MissingSplitError
 from ..core.metrics import agreement, percent
 from ..distill.rundir import RunDir
+from .bundle import BundleOptions, write_for
 from .deployable import Loaded, load_student, load_teacher_encoder
 from .inputs import prepare
+from .model_file import sidecar_path
 from .parity import check_parity, parity_inputs
 from .run_images import calibration_images, split_images, subset
 from .runtime import onnx_accuracy, run_batches, session
-from .writer import EXPORTERS, FORMAT, converted, int8_path, sidecar_path, write
+from .writer import EXPORTERS, FORMAT, converted, int8_path, write
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class AccuracyDropError(ClipDistillError):
 
 
 @dataclasses.dataclass
-class ExportConfig:
+class ExportConfig(BundleOptions):
     run: str = option("", "run folder written by `clipdistill train` (the student to export)", metavar="DIR")
     out: str = option("", "ONNX file to write; default RUN/model.onnx (RUN/model-SIZEpx.onnx with --size), "
                           "RUN/teacher.onnx with --teacher, or TEACHER.onnx without --run", metavar="FILE")
@@ -102,6 +104,7 @@ class ExportConfig:
         check(self.eval_images >= 0, "eval_images", "must be >= 0 (0 = all)")
         check(self.max_drop >= 0, "max_drop", "must be >= 0")
         check(self.threads >= 0, "threads", "must be >= 0")
+        self._check_bundle()
         if self.prompts is not None:
             from ..data.prompts import read_prompt_file
 
@@ -179,6 +182,7 @@ def export(cfg: ExportConfig) -> dict:
             f"INT8 lost {q['accuracy_drop']:.2f} points of test accuracy ({q['accuracy_fp32']:.2f}% -> "
             f"{q['accuracy_int8']:.2f}%), more than --max-drop {cfg.max_drop}; {q['path']} was written for "
             f"inspection. Try more --calib-images, --calib-method percentile or entropy.")
+    result["bundle"] = write_for(cfg, [out] + ([Path(result["int8"]["path"])] if result.get("int8") else []))
     return result
 
 

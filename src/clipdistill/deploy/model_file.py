@@ -24,6 +24,11 @@ from ..core.errors import ConfigError
 
 METADATA_KEY = "clipdistill"
 
+
+def sidecar_path(onnx_path: str | os.PathLike) -> Path:
+    """The JSON sidecar beside an ONNX file (`model.onnx` -> `model.json`)."""
+    return Path(onnx_path).with_suffix(".json")
+
 # ModelProto's fields (onnx.proto) and their protobuf wire types (0 varint, 2 length-delimited);
 # a field number not listed (a newer ONNX) may have any valid wire type.
 _MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}

@@ -6,7 +6,8 @@ normalisation, resize rule, class names — travels inside the ONNX file's metad
 written by `clipdistill export`, and is checked before it is used (model_file.py). Folders
 are read in batches; a file that cannot be decoded is skipped with a warning naming it, and
 the rest are still answered. Videos and cameras go frame by frame (video.py), on the same
-open model.
+open model. `--model` may be a bundle folder (deploy/bundle.py): its fp32 file is run. The base
+install (`pip install clipdistill`, plus onnxruntime) is all this needs: tests/test_light_install.py.
 
 The pixels are made as the metadata's input record says (inputs.py, the one numpy home of the
 deployed input pipeline): students see the image stretched to size x size (bilinear,
@@ -20,6 +21,7 @@ frames (`truncated`, both counts), so a script reading the lines learns it too."
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -40,7 +42,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class PredictConfig:
-    model: str = option("", "ONNX file written by `clipdistill export`", metavar="FILE")
+    model: str = option("", "ONNX file written by `clipdistill export`, or its bundle folder (its fp32 file is used)",
+                        metavar="FILE|BUNDLE")
     top_k: int = option(5, "classes shown per image")
     batch_size: int = option(32, "images per ONNX Runtime call")
     threads: int = option(0, "ONNX Runtime intra-op threads; 0 = its default (the physical cores)")
@@ -57,6 +60,8 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.model), "model", "give the ONNX file, e.g. --model runs/RUN/model.onnx")
+        if Path(self.model).is_dir():
+            self.model = bundle_model(self.model)
         check(Path(self.model).is_file(), "model", f"{self.model} is not a file; write one with `clipdistill export`")
         check(self.top_k >= 1, "top_k", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -81,6 +86,37 @@ class PredictConfig:
 
 
 # ----------------------------------------------------------------------------- files
+
+def bundle_model(folder: str) -> str:
+    """The ONNX file `predict` runs from a bundle folder (deploy/bundle.py writes it: the ONNX files with
+    their sidecars, labels.txt, a subfolder per runtime, manifest.json {"models": [ONNX file names],
+    "files": {relative path: {"sha256", "bytes"}}, ...}): the first of its models (else of the top-level
+    .onnx files it lists) whose sidecar says fp32, else model.onnx. Read as plain JSON here: the
+    device needs nothing of the bundle writer."""
+    root = Path(folder)
+    manifest = root / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"--model {folder}: a folder without manifest.json; give an ONNX file or a bundle "
+                          f"folder written by `clipdistill export`")
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8"))
+        files = [str(f) for f in listed.get("models") or listed["files"]]
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:  # not JSON, no "files", ...
+        raise ConfigError(f"--model {folder}: {manifest} is not a bundle manifest ({type(e).__name__}: {e}); "
+                          f"export the bundle again with `clipdistill export`") from None
+    onnx = [f for f in files if "/" not in f and f.endswith(".onnx") and (root / f).is_file()]
+    for f in onnx:
+        try:
+            precision = json.loads((root / f).with_suffix(".json").read_text(encoding="utf-8")).get("precision")
+        except (ValueError, OSError, AttributeError):  # no sidecar, or not one: its metadata is checked on open
+            continue
+        if precision == "fp32":
+            return str(root / f)
+    if (root / "model.onnx").is_file():
+        return str(root / "model.onnx")
+    raise ConfigError(f"--model {folder}: the bundle holds no full-precision ONNX file at its top level (manifest "
+                      f"lists {', '.join(onnx) or 'no .onnx file there'}); give the ONNX file itself with --model")
+
 
 def list_images(inputs: Sequence[str]) -> tuple[list[Path], list[dict]]:
     """Files named, and every visible file under folders named (sorted, recursive).

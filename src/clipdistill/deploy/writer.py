@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..core import atomic
-from .model_file import METADATA_KEY
+from .model_file import METADATA_KEY, sidecar_path
 from .parity import check_parity
 from .runtime import run_batches, session
 
@@ -88,10 +88,6 @@ def converted(module: nn.Module, x: np.ndarray, reference: np.ndarray, folder: P
         sess = session(path, threads)
         parity = check_parity(reference, run_batches(sess, x, len(x)), tolerance, what, envelope)
         yield Converted(path, sess, exp, parity)
-
-
-def sidecar_path(onnx_path: str | Path) -> Path:
-    return Path(onnx_path).with_suffix(".json")
 
 
 def int8_path(out: Path, target: str) -> Path:

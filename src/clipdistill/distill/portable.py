@@ -60,7 +60,18 @@ def write_timm_student(run: RunDir, state: StudentRecord | dict) -> Path:
         if record.output != "logits":
             save_file({k: v.contiguous() for k, v in record.head.state_dict.items()}, str(new / "head.safetensors"))
         # the old folder moves into the scratch folder, which is removed with it
+        _readable(new)
         if run.student.exists():
             os.replace(run.student, tmp / "old")
         os.replace(new, run.student)
     return run.student
+
+
+def _readable(folder: Path) -> None:
+    """Files 0644 and folders 0755 (less the umask), as every other file of a run: safetensors
+    writes 0600, and a folder served from a container or by another user must be readable."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)

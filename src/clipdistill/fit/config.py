@@ -14,8 +14,16 @@ from typing import Optional
 
 from ..core.config import Rule, at_least, check, check_fields, common_options, option, preset
 from ..data.prompts import read_prompt_file, read_templates
-from ..distill.config import (AugmentOptions, MethodOptions, OptimiserOptions, RunOptions, StudentOptions,
-                              TeachingOptions, TrainConfig)
+from ..deploy.bundle import BundleOptions
+from ..distill.config import (
+    AugmentOptions,
+    MethodOptions,
+    OptimiserOptions,
+    RunOptions,
+    StudentOptions,
+    TeachingOptions,
+    TrainConfig,
+)
 from ..teacher.curate import CurateOptions
 from ..teacher.options import TeacherOptions
 
@@ -51,7 +59,8 @@ TRAINING = {"dataset": "folder", "data": ["unlabeled"], "head": "text", "pick": 
 
 # Listed last-flag-first, as TrainConfig's groups are.
 @dataclasses.dataclass
-class FitConfig(FitRun, FitTeaching, FitAugment, FitOptimiser, FitMethod, FitStudent, TeacherOptions, CurateOptions):
+class FitConfig(BundleOptions, FitRun, FitTeaching, FitAugment, FitOptimiser, FitMethod, FitStudent, TeacherOptions,
+                CurateOptions):
     prompts: str = option("", "text file, one prompt per class (\"a photo of a forklift\"); with --eval, each "
                               "test/ class folder takes the prompt that names it (folder 'forklift'), else the "
                               "folders' sorted order", metavar="FILE")
@@ -89,6 +98,7 @@ class FitConfig(FitRun, FitTeaching, FitAugment, FitOptimiser, FitMethod, FitStu
             check((Path(self.eval) / "test").is_dir(), "eval",
                   f"{self.eval} has no test/ folder; put labelled images in {Path(self.eval) / 'test'}/<class>/")
         check_fields(self)
+        self._check_bundle()
         if not self.out:
             self.out = str(Path("runs") / f"fit-{Path(self.prompts).stem}")
 

@@ -213,6 +213,10 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     if exp is None or exp.get("trained") != fresh:
         stages.start("export")
         exp = stages.finish("export", {**_export(cfg, tcfg), "trained": fresh})
+    else:  # the model is the one exported earlier; the bundle follows this run's --bundle
+        from ..deploy.bundle import write_for
+
+        exp = {**exp, "bundle": write_for(cfg, [Path(exp["onnx"])] + ([Path(exp["int8"])] if exp.get("int8") else []))}
 
     summary = {"out": str(out), "pool": pool_counts, "teacher_zero_shot_accuracy": zero_shot,
                "curation": cur.counts(), "student": {k: res.get(k) for k in ("test_accuracy", "teacher_agreement",
@@ -262,12 +266,13 @@ def _export(cfg: FitConfig, tcfg) -> dict:
     from ..deploy.export import ExportConfig, export
 
     res = export(ExportConfig(run=str(cfg.run_path), out=str(Path(cfg.out) / "model.onnx"), int8=cfg.int8,
-                              cache_dir=cfg.cache_dir, max_drop=100.0))
+                              cache_dir=cfg.cache_dir, max_drop=100.0, bundle=cfg.bundle,
+                              bundle_batch=cfg.bundle_batch))
     q = res.get("int8") or {}
     return {"onnx": res["path"], "sidecar": res["sidecar"], "int8": q.get("path"),
             "int8_accuracy": q.get("accuracy_int8"), "fp32_onnx_accuracy": q.get("accuracy_fp32"),
             "int8_agreement_with_fp32": q.get("agreement_with_fp32"),
-            "parity_max_abs_diff": res["parity"]["max_abs_diff"]}
+            "parity_max_abs_diff": res["parity"]["max_abs_diff"], "bundle": res.get("bundle")}
 
 
 def _pct(v) -> str:
