@@ -205,6 +205,21 @@ VERBS.add("fit-prompts", Verb(
     "--pool ~/Pictures --out runs/mine",
     ".fit.config:FitConfig", ".fit.pipeline:fit_prompts", ".cli:_fit_text", json=JSON_HELP, needs=TRAIN))
 
+VERBS.add("search", Verb(
+    "find images for your prompts: top-N per prompt from an embedded pool or a clip-retrieval knn service",
+    "Before training, for a user with words and no (or too many) images: --pool searches a pool of folders or tar "
+    "shards (embedded first if it is not yet, into the cache fit-prompts uses) exactly by cosine; --service asks a "
+    "clip-retrieval knn service, as NVIDIA-AI-IOT/clip-distillation asks LAION's (retries with back-off, "
+    "--rate-limit, every answer cached in OUT/service/: a killed search asks again only the prompts not answered). "
+    "Every image goes to one prompt only, the one it matches best. Writes OUT/results.jsonl (url, caption, "
+    "similarity, prompt, class: what img2dataset reads; results.parquet too with pyarrow) and "
+    "OUT/sheets/PROMPT.png, the top results of each prompt to look at.\n\n"
+    "examples:\n  clipdistill search --prompts classes.txt --pool ~/Pictures --per-class 500 --out runs/found\n"
+    "  clipdistill search --prompts classes.txt --pool 'shards/pool-{000..099}.tar' --per-class 2000\n"
+    "  clipdistill search --prompts classes.txt --service https://knn.laion.ai/knn-service --index laion5B-L-14 "
+    "--per-class 200 --rate-limit 1",
+    ".teacher.search:SearchConfig", ".teacher.search:search", ".teacher.search:text", json=JSON_HELP, needs=TRAIN))
+
 VERBS.add("predict", Verb(
     "top-k classes per image from an exported ONNX model (ONNX Runtime, numpy and Pillow only)",
     "Reads the input size, normalisation and class names from the model's metadata; folders are read in "

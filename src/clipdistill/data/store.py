@@ -90,7 +90,7 @@ def open_array(path: Path, dtype, shape: tuple, mode: str) -> np.ndarray:
     return arr
 
 
-def _release_pages(arr: np.ndarray) -> None:
+def release_pages(arr: np.ndarray) -> None:
     """Unmap a flushed memmap's pages from this process (MADV_DONTNEED): the data stays in the
     file and the page cache, but written pages no longer count in the filler's resident memory,
     which would otherwise grow by the whole array (2.5 GB for 200,000 images at 64 px)."""
@@ -291,7 +291,7 @@ class ArrayStore:
         rows tried again, whose earlier retry entries are dropped first."""
         for arr in self.arrays.values():
             arr.flush()
-            _release_pages(arr)
+            release_pages(arr)
         skipped = list(self.manifest.get("skipped_items", []))
         settled = {int(r) for r in settled}
         retry = {k: v for k, v in self.manifest.get("retry_items", {}).items() if int(k) not in settled}

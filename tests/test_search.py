@@ -1,0 +1,321 @@
+"""`clipdistill search`: exact top-N per prompt over an embedded pool (against brute force), and a
+clip-retrieval knn service client against a real HTTP server on the loopback address that answers
+the protocol from the same pool's embeddings and serves its images (some URLs failing)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipdistill.teacher import knn
+
+PER_CLASS = 12
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    from clipdistill.data.example_pool import PoolConfig, make_pool
+
+    out = tmp_path_factory.mktemp("search-pool")
+    make_pool(PoolConfig(out=str(out), images=200, size=32, duplicates=5, broken=2, test_per_class=2))
+    return out
+
+
+def _args(pool: Path, teacher_file: Path, cache_dir: Path) -> list[str]:
+    return ["--prompts", str(pool / "classes.txt"), "--pretrained", str(teacher_file), "--cache-dir", str(cache_dir),
+            "--device", "cpu", "--precision", "fp32", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def local(pool, random_teacher_file, cache_dir, tmp_path_factory) -> dict:
+    """`clipdistill search --pool` through the CLI (which embeds the pool), then the same index opened
+    as the local source opens it."""
+    from clipdistill.cli import build_parser, main
+    from clipdistill.core.config import from_namespace
+    from clipdistill.teacher.search import SearchConfig
+    from clipdistill.teacher.search_sources import LocalSource
+
+    out = tmp_path_factory.mktemp("search-local") / "out"
+    args = ["search", *_args(pool, random_teacher_file, cache_dir), "--pool", str(pool / "pool"), "--per-class",
+            str(PER_CLASS), "--out", str(out), "--json"]
+    rc = main(args)
+    cfg = from_namespace(SearchConfig, build_parser("search").parse_args(args[1:]))
+    source = LocalSource(cfg)
+    cache, text, prompts = source.index()
+    return {"rc": rc, "out": out, "cache": cache, "text": text, "prompts": prompts, "source": source, "args": args}
+
+
+def brute_force(emb: np.ndarray, text: np.ndarray, n: int, valid=None) -> list[list[int]]:
+    """The whole similarity matrix in memory, every (prompt, row) pair sorted best first, taken
+    when the row is free and the prompt not full."""
+    sims = knn.normalise(emb) @ knn.normalise(text).T
+    rows = np.arange(len(emb)) if valid is None else np.flatnonzero(np.asarray(valid) == 1)
+    pairs = sorted(((-float(sims[r, p]), int(r), p) for r in rows for p in range(len(text))))
+    taken, out = set(), [[] for _ in text]
+    for _, r, p in pairs:
+        if r not in taken and len(out[p]) < n:
+            taken.add(r)
+            out[p].append(r)
+    return out
+
+
+def assert_best_prompt_rule(found: knn.Found, sims: np.ndarray, n: int) -> None:
+    """No row is given twice, and a row given to prompt p is not one that a prompt q matching it better
+    lost: q is full of rows it matches at least as well."""
+    given = [int(r) for rows in found.rows for r in rows]
+    assert len(given) == len(set(given))
+    for p, rows in enumerate(found.rows):
+        for r in rows:
+            for q in range(sims.shape[1]):
+                if q != p and sims[r, q] > sims[r, p]:
+                    assert len(found.rows[q]) == n and sims[found.rows[q], q].min() >= sims[r, q] - 1e-6
+
+
+def test_local_search_equals_brute_force_and_gives_each_image_once(local):
+    assert local["rc"] == 0
+    cache, text = local["cache"], local["text"]
+    emb = np.asarray(cache.embeddings, dtype=np.float32)
+    found = knn.search(cache.embeddings, text, PER_CLASS, cache.valid)
+    expect = brute_force(emb, text, PER_CLASS, cache.valid)
+    assert [r.tolist() for r in found.rows] == expect
+    sims = knn.normalise(emb) @ knn.normalise(text).T
+    for p, (rows, s) in enumerate(zip(found.rows, found.similarity)):
+        np.testing.assert_allclose(s, sims[rows, p], atol=1e-5)
+        assert (np.diff(s) <= 1e-7).all()  # best first
+    assert_best_prompt_rule(found, sims, PER_CLASS)
+    # the rule did something here: without it, prompts would share rows
+    plain = [set(np.argsort(-sims[:, p], kind="stable")[:PER_CLASS]) for p in range(len(text))]
+    assert sum(len(a & b) for i, a in enumerate(plain) for b in plain[i + 1:]) > 0
+    # a chunk of 7 rows gives what one chunk gives
+    small = knn.search(cache.embeddings, text, PER_CLASS, cache.valid, chunk_rows=7)
+    whole = knn.search(cache.embeddings, text, PER_CLASS, cache.valid, chunk_rows=len(emb))
+    assert [r.tolist() for r in small.rows] == [r.tolist() for r in whole.rows] == expect
+    for a, b in zip(small.similarity, whole.similarity):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_competing_prompts_widen_their_lists_until_exact():
+    """Prompts that all want the same rows: the first candidate lists are too short, a second scan
+    widens them, and the result is still brute force's; rows marked unreadable are never returned."""
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1500, 32)).astype(np.float16)
+    base = rng.standard_normal(32)
+    text = np.stack([base + 0.05 * rng.standard_normal(32) for _ in range(6)]).astype(np.float32)
+    valid = np.ones(len(emb), np.uint8)
+    valid[rng.choice(len(emb), 100, replace=False)] = 0
+    found = knn.search(emb, text, 20, valid, chunk_rows=7)
+    assert found.passes > 1
+    expect = brute_force(emb.astype(np.float32), text, 20, valid)
+    assert [r.tolist() for r in found.rows] == expect
+    assert not set(np.flatnonzero(valid == 0)) & {int(r) for rows in found.rows for r in rows}
+    assert [r.tolist() for r in knn.search(emb, text, 20, valid, chunk_rows=5000).rows] == expect
+    sims = knn.normalise(emb) @ knn.normalise(text).T
+    assert_best_prompt_rule(found, sims, 20)
+    # a pool smaller than the prompts ask for: every readable row handed out once
+    few = knn.search(emb[:30], text, 20, valid[:30])
+    assert sorted(int(r) for rows in few.rows for r in rows) == np.flatnonzero(valid[:30]).tolist()
+
+
+def test_local_search_writes_results_and_sheets(local):
+    out = local["out"]
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == PER_CLASS * len(local["prompts"])
+    assert {"url", "caption", "similarity", "prompt", "class", "rank", "row"} <= set(lines[0])
+    assert all(Path(r["url"]).is_file() for r in lines)  # local results are the pool's files
+    assert len({r["url"] for r in lines}) == len(lines)
+    found = knn.search(local["cache"].embeddings, local["text"], PER_CLASS, local["cache"].valid)
+    assert [[r["row"] for r in lines if r["class"] == k] for k in range(len(local["prompts"]))] == \
+        [r.tolist() for r in found.rows]
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["parquet"] is None or Path(summary["parquet"]).is_file()
+    assert len(summary["sheets"]) == len(local["prompts"]) and summary["shown"]["failed"] == {}
+    from PIL import Image
+
+    with Image.open(summary["sheets"][0]) as im:
+        assert im.size[0] > 4 * 96
+
+
+@pytest.mark.parametrize("extra, flag", [
+    ([], "--pool"),  # no source
+    (["--pool", "{pool}", "--service", "http://127.0.0.1:1/knn-service", "--index", "x"], "--pool"),  # both
+    (["--service", "http://127.0.0.1:1/knn-service"], "--index"),
+    (["--service", "127.0.0.1/knn", "--index", "x"], "--service"),
+    (["--pool", "{pool}", "--per-class", "0"], "--per-class"),
+])
+def test_config_errors_name_the_flag(pool, extra, flag):
+    from clipdistill.core.errors import ConfigError
+    from clipdistill.teacher.search import SearchConfig
+
+    kw = {}
+    it = iter(a.replace("{pool}", str(pool / "pool")) for a in extra)
+    for a in it:
+        key = a[2:].replace("-", "_")
+        kw[key] = [next(it)] if key == "pool" else next(it)
+    kw = {k: int(v) if k == "per_class" else v for k, v in kw.items()}
+    with pytest.raises(ConfigError, match=re.escape(flag)):
+        SearchConfig(prompts=str(pool / "classes.txt"), **kw)
+
+
+# ---------------------------------------------------------------------------------------- the service
+
+class KnnServer(ThreadingHTTPServer):
+    """A knn service on 127.0.0.1 answering from a real index (the pool's embedding cache, searched
+    by knn.top_per_prompt with the teacher's text embedding), and serving the pool's images. Each
+    answer starts with five URLs that fail in their own way on the contact sheets (a 404, one slower
+    than the client waits, text instead of an image, two URLs with the same bytes)."""
+
+    daemon_threads = True
+
+    def __init__(self, index, dataset, teacher):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.index, self.dataset, self.teacher = index, dataset, teacher
+        self.posts: list[dict] = []
+        self.fail_first = True  # a 503 on the first POST: the client must try again
+        self.broken_text = None  # a prompt answered with 500 every time
+        self.answered = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def answer(self, body: dict) -> list[dict]:
+        text = self.teacher.encode_texts([body["text"]]).numpy()
+        (sims, rows), = knn.top_per_prompt(self.index.embeddings, text, body["num_images"], self.index.valid)
+        self.answered += 1
+        i = self.answered
+        odd = [("dup-a", 0.99), ("dup-b", 0.98), ("missing", 0.97), ("slow", 0.96), ("text", 0.95)]
+        return ([{"url": f"{self.url}/{kind}/{i}.png", "caption": kind, "similarity": s, "id": -1}
+                 for kind, s in odd]
+                + [{"url": f"{self.url}/img/{r}.png", "caption": f"pool image {r}", "similarity": float(s),
+                    "id": int(r)} for s, r in zip(sims, rows)])[:body["num_images"]]
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: KnnServer
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _send(self, code: int, data: bytes, kind: str) -> None:
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on the slow URL, as it should
+            pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        s = self.server
+        s.posts.append(body)
+        if s.fail_first:
+            s.fail_first = False
+            return self._send(503, b"busy", "text/plain")
+        if body["text"] == s.broken_text:
+            return self._send(500, b"boom", "text/plain")
+        if body["indice_name"] != "pool-test":
+            return self._send(200, json.dumps({"error": f"unknown index {body['indice_name']}"}).encode(),
+                              "application/json")
+        return self._send(200, json.dumps(s.answer(body)).encode(), "application/json")
+
+    def do_GET(self):
+        kind, name = self.path.strip("/").split("/")
+        i = int(name.split(".")[0])
+        if kind == "missing":
+            return self._send(404, b"no such image", "text/plain")
+        if kind == "slow":
+            time.sleep(2.5)
+        if kind == "text":
+            return self._send(200, b"<html>not an image</html>", "text/html")
+        from PIL import Image
+
+        # the two dup URLs of an answer: the same bytes, an image no other URL serves
+        im = Image.new("RGB", (16, 16), (i, 255 - i, 0)) if kind.startswith("dup") else self.server.dataset.load(i)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return self._send(200, buf.getvalue(), "image/png")
+
+
+@pytest.fixture()
+def server(local, random_teacher_file, cache_dir):
+    from clipdistill.teacher.openclip_teacher import create_teacher
+
+    teacher = create_teacher("tiny-shapes", str(random_teacher_file), "cpu", "fp32", str(cache_dir))
+    srv = KnnServer(local["cache"], local["source"].dataset, teacher)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_service_client_retries_caches_resumes_and_shows_failures(server, local, pool, random_teacher_file,
+                                                                 cache_dir, tmp_path, capsys):
+    from clipdistill.cli import main
+
+    prompts = local["prompts"]
+    out = tmp_path / "found"
+    args = ["search", *_args(pool, random_teacher_file, cache_dir), "--service", f"{server.url}/knn-service",
+            "--index", "pool-test", "--per-class", "8", "--out", str(out), "--backoff", "0.05", "--retries", "2",
+            "--fetch-timeout", "0.8", "--json"]
+    # 1. killed half-way: the third prompt never gets an answer (500 on every try)
+    server.broken_text = prompts[2]
+    assert main(args) == 1
+    assert "no answer for" in capsys.readouterr().err
+    asked = [b["text"] for b in server.posts]
+    assert asked == [prompts[0], prompts[0], prompts[1]] + [prompts[2]] * 3  # the 503 was tried again
+    first = server.posts[1]
+    assert first == {"text": prompts[0], "image": None, "image_url": None, "embedding_input": None,
+                     "modality": "image", "num_images": 16, "indice_name": "pool-test", "num_result_ids": 3000,
+                     "use_mclip": False, "deduplicate": True, "use_safety_model": True,
+                     "use_violence_detector": True, "aesthetic_score": "", "aesthetic_weight": "0.5"}
+    assert len(list((out / "service").glob("*.json"))) == 2
+    # 2. the same command again: only the prompts not answered are asked
+    server.broken_text = None
+    before = len(server.posts)
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [b["text"] for b in server.posts[before:]] == prompts[2:]
+    assert res["requests"] == 2 and res["answered_before"] == 2
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 * len(prompts) and len({r["url"] for r in lines}) == len(lines)
+    assert {"url", "caption", "similarity", "prompt", "class", "id"} <= set(lines[0])
+    for k in range(len(prompts)):
+        sims = [r["similarity"] for r in lines if r["class"] == k]
+        assert sims == sorted(sims, reverse=True)
+    # the pool's rows come back with the similarity the local index gives them
+    emb = knn.normalise(np.asarray(local["cache"].embeddings, dtype=np.float32))
+    text = knn.normalise(local["text"])
+    for r in lines:
+        if "/img/" in r["url"]:
+            assert abs(emb[r["id"]] @ text[r["class"]] - r["similarity"]) < 1e-4
+    # every failing URL was told apart on the sheets, never fatal
+    assert res["shown"]["failed"] == {"HTTP 404": 4, "timeout": 4, "not an image": 4, "duplicate": 4}
+    assert res["shown"]["images"] == 4 * len(prompts) and len(res["sheets"]) == len(prompts)
+    # 3. a third run asks nothing
+    before = len(server.posts)
+    assert main(args + ["--sheet-images", "0"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert len(server.posts) == before and again["requests"] == 0 and again["answered_before"] == len(prompts)
+    assert (out / "results.jsonl").read_text().splitlines() == [json.dumps(r, ensure_ascii=False) for r in lines]
+
+
+def test_service_error_answer_names_the_index(server, local, pool, random_teacher_file, cache_dir, tmp_path,
+                                              capsys):
+    from clipdistill.cli import main
+
+    server.fail_first = False
+    args = ["search", *_args(pool, random_teacher_file, cache_dir), "--service", f"{server.url}/knn-service",
+            "--index", "laion-nope", "--out", str(tmp_path / "x")]
+    assert main(args) == 1
+    assert "--index" in capsys.readouterr().err
