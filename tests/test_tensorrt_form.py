@@ -31,7 +31,7 @@ def forms(trained_run, exported, tmp_path_factory) -> dict:
 
     folder = tmp_path_factory.mktemp("trt")
     res = export(ExportConfig(run=str(trained_run), out=str(folder / "m.onnx"), int8=True, int8_target="tensorrt",
-                              calib_images=64, threads=1, bundle="none"))
+                              calib_images=64, threads=1))
     info = read_json(exported["fp32"].with_suffix(".json"))
     calib = calibration_images(read_json(trained_run / "config.json"), info, 32, "")
     old = folder / "old.int8-tensorrt.onnx"
@@ -39,6 +39,24 @@ def forms(trained_run, exported, tmp_path_factory) -> dict:
                   overrides={"QuantizeBias": True, "OpTypesToExcludeOutputQuantization": []})
     return {"fp32": Path(res["path"]), "new": Path(res["int8"]["path"]), "result": res, "old": old,
             "cpu": exported["int8"]}
+
+
+def test_export_int8_tensorrt_writes_a_bundle_that_passes_every_check(forms, trained_run):
+    """The issue's acceptance, as a user runs it: `export --int8 --int8-target tensorrt` writes the
+    bundle (both files, every runtime) and every check passes on every file in it."""
+    from clipdistill.core.atomic import read_json
+    from clipdistill.deploy.bundle import bundle_path, check_bundle
+    from clipdistill.deploy.run_images import split_images
+
+    folder = bundle_path(forms["result"]["path"])
+    assert forms["result"]["bundle"] == str(folder)
+    side = read_json(forms["fp32"].with_suffix(".json"))["trained_size"]
+    images, _ = split_images(read_json(trained_run / "config.json"), "test", "", side)
+    res = check_bundle(folder, images[:256])
+    assert res["passed"], res
+    assert set(res["targets"]) == {"jetson", "deepstream", "triton", "tensorrt", "opencv", "timm"}
+    engines = json.loads((folder / "tensorrt" / "engines.json").read_text())
+    assert {Path(p["file"]).name for p in engines["files"] if p["for_tensorrt"]} == {"m.onnx", "m.int8-tensorrt.onnx"}
 
 
 def _graph(path):
