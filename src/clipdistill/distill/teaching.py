@@ -24,6 +24,7 @@ the strategy for a mode. Nothing here keeps state between two calls.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import logging
@@ -97,7 +98,7 @@ def teacher_pixels(teacher, x: torch.Tensor, views: torch.Tensor, mix: Optional[
 
 # ----------------------------------------------------------------------------- the strategies
 
-class Teaching:
+class Teaching(abc.ABC):
     """One teaching mode: the batch's views, and the teacher's embeddings of them."""
 
     mode = ""
@@ -115,12 +116,12 @@ class Teaching:
         """A fresh augmented view of each row, drawn from `generator`."""
         return Views(sample_views(len(rows), self.aug, generator))
 
+    @abc.abstractmethod
     def targets(self, rows: "Rows", pixels: torch.Tensor, views: Views, mix: Optional[Mix],
                 cached: torch.Tensor) -> torch.Tensor:
         """The teacher's embeddings of `views` of the rows (mixed as the student's input is).
         `pixels`: the plain float images in [0, 1] on the device; `cached`: the rows' cached
         embeddings of the plain images, on the device."""
-        raise NotImplementedError
 
 
 TEACHINGS: Registry[type] = Registry("teaching mode", flag="--teaching")
