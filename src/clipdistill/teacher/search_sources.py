@@ -12,7 +12,8 @@ why not.
   text embeddings); the cache is the index, searched exactly (knn.py).
 - `service` (`--service URL --index NAME`): a clip-retrieval knn service (knn_service.py); it is
   asked for more candidates than `n` per prompt (`--candidates`) so that a prompt that loses an
-  image to another one can take its next."""
+  image to another one can take its next, and a prompt still short is asked again for twice as
+  many (up to WIDEN_ROUNDS times) while the service's answers are full."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ from ..core.registry import Registry
 from .knn import one_per_image
 
 log = logging.getLogger(__name__)
+
+# times a prompt left short by the URL sharing is asked again for twice as many (16x at most)
+WIDEN_ROUNDS = 4
 
 
 class Source(Protocol):
@@ -101,23 +105,38 @@ class ServiceSource:
         self.answered_before = 0
         self.fetched: dict = {}
 
-    def body(self, prompt: str, n: int) -> dict:
-        from .knn_service import request_body
-
-        c = self.cfg
-        return request_body(prompt, c.index, c.candidates or 2 * n, c.num_result_ids, c.use_mclip, c.deduplicate,
-                            c.use_safety_model, c.use_violence_detector, c.aesthetic_score, c.aesthetic_weight)
-
     def find(self, prompts: list[str], n: int) -> list[list[dict]]:
         from tqdm import tqdm
 
-        answers = []
-        for p in tqdm(prompts, desc="ask the service", unit="prompt", disable=not self.cfg.progress,
-                      file=sys.stderr, dynamic_ncols=True):
-            results, cached = self.client.query(self.body(p, n))
-            self.answered_before += cached
-            answers.append(results)
-        return _one_per_url(answers, n)
+        asked = [self.cfg.candidates or 2 * n] * len(prompts)
+        answers = [self._ask(p, k) for p, k in zip(tqdm(prompts, desc="ask the service", unit="prompt",
+                                                       disable=not self.cfg.progress, file=sys.stderr,
+                                                       dynamic_ncols=True), asked)]
+        picked = _one_per_url(answers, n)
+        for _ in range(WIDEN_ROUNDS):
+            # a prompt left short after each URL went to the prompt it matches best, whose answer was
+            # full (the service had more to give): asked again for twice as many, as the local search
+            # refills a prompt's candidate list until the result is exact
+            short = [p for p in range(len(prompts)) if len(picked[p]) < n and len(answers[p]) >= asked[p]]
+            if not short:
+                break
+            for p in short:
+                asked[p] *= 2
+                log.info("%r: %d of %d after sharing URLs with the other prompts; asking for %d",
+                         prompts[p], len(picked[p]), n, asked[p])
+                answers[p] = self._ask(prompts[p], asked[p])
+            picked = _one_per_url(answers, n)
+        return picked
+
+    def _ask(self, prompt: str, num_images: int) -> list[dict]:
+        from .knn_service import request_body
+
+        c = self.cfg
+        results, cached = self.client.query(request_body(
+            prompt, c.index, num_images, c.num_result_ids, c.use_mclip, c.deduplicate, c.use_safety_model,
+            c.use_violence_detector, c.aesthetic_score, c.aesthetic_weight))
+        self.answered_before += cached
+        return results
 
     def images(self, results: list[dict]) -> list[tuple[Optional[object], str]]:
         """The results' images fetched over HTTP (a few at a time), or why not: HTTP errors,
