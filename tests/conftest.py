@@ -73,14 +73,33 @@ def random_teacher_file(tmp_path_factory) -> Path:
     return save_random_tiny_teacher(tmp_path_factory.mktemp("weights") / "tiny-random.safetensors")
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True):
-    """Run `python -m clipdistill ARGS` in a real subprocess, as a user would."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True,
+            log: Path | None = None):
+    """Run `python -m clipdistill ARGS` in a real subprocess, as a user would. With `log`, its
+    output goes to that file, as `clipdistill ARGS > LOG 2>&1` (proc.stdout is then None, and
+    proc.stderr the file's text)."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "clipdistill", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    cmd = [sys.executable, "-m", "clipdistill", *args]
+    if log is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    else:
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=full_env, timeout=timeout)
+        proc.stderr = Path(log).read_bytes().decode("utf-8", "replace")  # as written: '\r' kept
     if check and proc.returncode != 0:
         raise AssertionError(f"clipdistill {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def assert_plain_log(text: str, epochs: int) -> None:
+    """What a person reading the log of a training verb needs: no carriage returns, short lines,
+    and one line per epoch."""
+    assert "\r" not in text
+    assert max(map(len, text.splitlines())) <= 400
+    for e in range(1, epochs + 1):
+        said = [ln for ln in text.splitlines() if ln.startswith(f"epoch {e}/{epochs}: loss ")]
+        assert len(said) == 1, text[-3000:]
+        assert " img/s, " in said[0] and " elapsed" in said[0]
 
 
 @pytest.fixture(scope="session")

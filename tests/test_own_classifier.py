@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_plain_log
 from PIL import Image
 
 from clipdistill.data.example_pool import PoolConfig, make_pool
@@ -164,8 +165,10 @@ def test_fit_prompts_without_labels_at_all(small_pool, cache_dir, trained_teache
     out = tmp_path / "fit"
     assert main(["fit-prompts", "--prompts", str(small_pool / "classes.txt"), "--pool", str(small_pool / "pool"),
                  "--out", str(out), "--pretrained", str(trained_teacher_file), "--cache-dir", str(cache_dir),
-                 "--epochs", "1", "--batch-size", "32", "--no-progress"]) == 0
-    report = capsys.readouterr().out
+                 "--epochs", "1", "--batch-size", "32"]) == 0  # progress on, stderr no terminal: plain lines
+    said = capsys.readouterr()
+    report = said.out
+    assert_plain_log(said.err, epochs=1)
     assert "teacher zero-shot on --eval: -" in report and "test accuracy -" in report
     s = json.loads((out / "summary.json").read_text())
     assert s["teacher_zero_shot_accuracy"] is None and s["quality"]["held_out_images"] == 40

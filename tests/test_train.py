@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_after_first_epoch, run_cli, train_kwargs
+from conftest import assert_plain_log, kill_after_first_epoch, run_cli, train_kwargs
 
 from clipdistill.core.errors import ConfigError
 from clipdistill.distill import checkpoint
@@ -94,7 +94,7 @@ def test_finished_run_is_reused_and_other_config_refused(tmp_path, cache_dir, tr
 def test_sigkill_then_resume_auto_ends_with_the_same_weights(tmp_path, cache_dir, trained_teacher_file):
     args = ["train", "--pretrained", str(trained_teacher_file), "--cache-dir", str(cache_dir), "--max-images", "600",
             "--student", "resnet10t", "--method", "kl", "--head", "linear", "--data", "train", "--epochs", "3",
-            "--lr", "2e-3", "--no-progress", "--amp", "fp32"]
+            "--lr", "2e-3", "--amp", "fp32"]  # progress on: not a terminal, so plain lines (issue 27)
     killed = tmp_path / "killed"
     epoch_at_kill = kill_after_first_epoch(args, killed, settle=0.5)  # into epoch 2
     assert 1 <= epoch_at_kill < 3, "the run finished before it could be killed"
@@ -102,7 +102,8 @@ def test_sigkill_then_resume_auto_ends_with_the_same_weights(tmp_path, cache_dir
 
     resumed = run_cli(*args, "--out", str(killed), "--resume", "auto")
     assert f"resumed {killed} at epoch {epoch_at_kill}/3" in resumed.stderr
-    run_cli(*args, "--out", str(tmp_path / "clean"))
+    clean = run_cli(*args, "--out", str(tmp_path / "clean"), log=tmp_path / "clean.log")
+    assert_plain_log(clean.stderr, epochs=3)  # `train ... > log 2>&1`: one line an epoch, no '\r'
     a = checkpoint.read_student(killed / "checkpoints" / "last.safetensors")
     b = checkpoint.read_student(tmp_path / "clean" / "checkpoints" / "last.safetensors")
     assert a.epoch == b.epoch == 3 and a.step == b.step

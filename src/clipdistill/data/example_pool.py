@@ -128,7 +128,7 @@ def make_pool(cfg: PoolConfig) -> dict:
 
 
 def _make_pool(cfg: PoolConfig, out: Path) -> dict:
-    from tqdm import tqdm
+    from ..core.progress import bar
 
     for sub in ("pool", "eval", "shards"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -149,7 +149,7 @@ def _make_pool(cfg: PoolConfig, out: Path) -> dict:
             sink.write(key.replace("/", "_").replace(" ", "_"),
                        {suffix: data, "json": json.dumps({"folder": rel.rsplit("/", 1)[0]}).encode()})
 
-    for i in tqdm(range(cfg.images), desc="write pool", unit="img", leave=False, disable=None):
+    for i in bar(range(cfg.images), desc="write pool", unit="img", leave=False):
         folder = months[rng.integers(len(months))]
         if rng.random() < 0.2:
             folder += "/burst"  # deeper nesting, as camera bursts are kept

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -184,7 +183,8 @@ def fill_pixel_store(ds, cache_dir: str | os.PathLike, size: int, workers: int =
 
 def _fill(store: PixelStore, ds, size: int, workers: int, batch: int, progress: bool) -> None:
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
+
+    from ..core.progress import bar as progress_bar
 
     start = store.done
     if start:
@@ -192,8 +192,8 @@ def _fill(store: PixelStore, ds, size: int, workers: int, batch: int, progress: 
     loader = DataLoader(LoadedRows(ds, _Resized(size), range(start, store.count)), batch_size=batch, shuffle=False,
                         num_workers=auto_workers(workers), collate_fn=_collate,
                         worker_init_fn=WorkerInit())
-    bar = tqdm(total=store.count, initial=start, unit="img", desc=f"decode {ds.split} images at {size} px",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=store.count, initial=start, unit="img", desc=f"decode {ds.split} images at {size} px",
+                       enabled=progress, end_line=False)  # the "wrote" line below ends it
     pos, t0 = start, time.time()
     for items in loader:
         _, pixels, valid, errors = _outcome(items, size)

@@ -241,7 +241,7 @@ def _file_row(p: Path, st: os.stat_result, key: str, real: Path) -> list:
 def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.PathLike] = None,
                progress: bool = False) -> PoolIndex:
     """Index the pool's folders and shards (reusing the cached index for unchanged files)."""
-    from tqdm import tqdm
+    from ..core.progress import bar
 
     specs = [os.fspath(r) for r in roots]
     dirs = [Path(r) for r in specs if not tar_shards.is_shard_spec(r)]
@@ -261,7 +261,7 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
         raise ConfigError(f"--pool {', '.join(map(str, dirs))}: no files in it; put your images there "
                           f"(sub-folders of any depth)")
     rows, groups, reused, seen = [], {}, 0, set()
-    for p, st in tqdm(found, desc="index pool", unit="file", disable=not progress, leave=False):
+    for p, st in bar(found, desc="index pool", unit="file", enabled=progress, leave=False):
         real = p.resolve()
         key = display_path(real)
         if key in seen:  # one file reached by two paths (a link to it): one file
@@ -277,7 +277,7 @@ def index_pool(roots: Sequence[str | os.PathLike], cache_dir: Optional[str | os.
         row = _row(where, 0, 0, "", why, None, again=True)
         reused += before_files.get(where) == row
         rows.append(row)
-    for shard in tqdm(shards, desc="index shards", unit="shard", disable=not progress or not shards, leave=False):
+    for shard in bar(shards, desc="index shards", unit="shard", enabled=progress and bool(shards), leave=False):
         name, group, again = _shard_group(shard, before_shards)
         groups[name] = group
         reused += again

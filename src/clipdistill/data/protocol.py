@@ -76,7 +76,8 @@ class ImageDataset(torch.utils.data.Dataset, abc.ABC):
             self._pixels = fill_pixel_store(self, self.store_dir, size, progress=progress).reader()
             return self._pixels
         from PIL import Image
-        from tqdm import tqdm
+
+        from ..core.progress import bar
 
         out = np.zeros((len(self), size, size, 3), dtype=np.uint8)
 
@@ -87,8 +88,8 @@ class ImageDataset(torch.utils.data.Dataset, abc.ABC):
                 pass
 
         with ThreadPoolExecutor(max_workers=4) as pool:
-            list(tqdm(pool.map(decode, range(len(self))), total=len(self), desc=f"decode {self.split} images",
-                      disable=not progress, unit="img"))
+            list(bar(pool.map(decode, range(len(self))), total=len(self), desc=f"decode {self.split} images",
+                     enabled=progress, unit="img"))
         self._pixels = out
         return out
 

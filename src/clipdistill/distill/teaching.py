@@ -233,9 +233,8 @@ def view_parameters(n: int, k: int, aug: Augmentation, seed: int, split_index: i
 
 def _fill_views(ctx: "RunContext", aug: Augmentation, split_index: int, params: torch.Tensor) -> EmbeddingCache:
     """Embed the K views of one training split into its own cache (resumable, checked)."""
-    from tqdm import tqdm
-
     from ..core.locks import exclusive
+    from ..core.progress import bar as progress_bar
 
     cfg, teacher = ctx.cfg, ctx.outs.teacher
     name = ctx.data.names[split_index]
@@ -255,8 +254,8 @@ def _fill_views(ctx: "RunContext", aug: Augmentation, split_index: int, params: 
         log.info("embedding %d augmented views of each of the %d %s images once (%s)", k, n, name, path)
         pixels = ctx.data.images[split_index]
         bs = cfg.embed_batch_size
-        bar = tqdm(total=k * n, initial=cache.done, unit="img", desc=f"teacher views {name}",
-                   disable=not cfg.progress, dynamic_ncols=True)
+        bar = progress_bar(total=k * n, initial=cache.done, unit="img", desc=f"teacher views {name}",
+                           enabled=cfg.progress)
         pos = cache.done  # every commit point is a batch boundary: resume there
         while pos < k * n:
             v, i = divmod(pos, n)

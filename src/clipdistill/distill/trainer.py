@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from typing import Optional
 
@@ -22,6 +21,8 @@ from ..core.config import config_diff, to_dict
 from ..core.distributed import barrier
 from ..core.errors import ConfigError, NonFiniteLossError
 from ..core.metrics import accuracy, agreement
+from ..core.progress import bar as progress_bar
+from ..core.progress import duration
 from ..data.pixels import to_float
 from . import checkpoint, inputs
 from .augment import draw_mix
@@ -153,8 +154,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
-        from tqdm import tqdm
-
         cfg, ctx = self.cfg, self.ctx
         main = ctx.dist.is_main
         writer = metrics = None
@@ -177,8 +176,11 @@ class Trainer:
                 perm = torch.randperm(len(ctx.train_rows), generator=g).numpy()
                 perm = perm[: self.steps_per_epoch * cfg.batch_size]
                 aug_g = torch.Generator().manual_seed(cfg.seed * 7_919 + self.epoch + 1)
-                bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step",
-                           disable=not (cfg.progress and main), file=sys.stderr, dynamic_ncols=True, leave=False)
+                # In a log the epoch's line below is its progress; an epoch longer than minutes also
+                # says where it is, at most every 10% and every 5 minutes.
+                bar = progress_bar(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                                   unit="step", enabled=cfg.progress and main, leave=False, min_seconds=300,
+                                   end_line=False)
                 t0, seen, run_loss = time.time(), 0, 0.0
                 batches = (ctx.train_rows.take(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                                                [ctx.dist.rank * per_rank:(ctx.dist.rank + 1) * per_rank])
@@ -226,9 +228,10 @@ class Trainer:
                 if main:
                     recent = [h["seconds"] for h in self.history[-5:]]
                     left = (cfg.epochs - self.epoch) * sum(recent) / len(recent)
-                    log.info("epoch %d/%d: loss %.4f, val %s %.2f%%%s, %.0f img/s%s", self.epoch, cfg.epochs,
-                             rec["train_loss"], ctx.val_metric, val, " (best)" if improved else "", rec["img_per_s"],
-                             f", about {left / 60:.0f} min {left % 60:.0f} s left" if left else "")
+                    log.info("epoch %d/%d: loss %.4f, val %s %.2f%%%s, %.0f img/s, %s elapsed%s", self.epoch,
+                             cfg.epochs, rec["train_loss"], ctx.val_metric, val, " (best)" if improved else "",
+                             rec["img_per_s"], duration(sum(h["seconds"] for h in self.history)),
+                             f", about {duration(left)} left" if left else "")
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                     writer.add_scalar(f"val/{ctx.val_metric}", val, self.step)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -131,13 +130,13 @@ def _embed_rows(teacher: Teacher, ds, cache: EmbeddingCache, start: int, end: in
     """Embed rows [start, end) of `ds` into `cache`, calling `commit(next_row, errors)` after
     each batch is written: the whole cache's manifest, or one rank's slice record. `errors` are
     (row, message, again) for the rows that could not be embedded."""
-    from tqdm import tqdm
+    from ..core.progress import bar as progress_bar
 
     # Batches start at multiples of batch_size from `start` (resume points are commit points),
     # so a resumed run computes exactly the batches an uninterrupted one would.
     loader = _loader(teacher, ds, range(start, end), batch_size, workers)
-    bar = tqdm(total=end, initial=start, unit="img", desc=f"embed {cache.path.parent.name}/{cache.path.name}",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=end, initial=start, unit="img", desc=f"embed {cache.path.parent.name}/{cache.path.name}",
+                       enabled=progress, end_line=False)  # the callers log the rows embedded and the rate
     pos = start
     for x, ok_idx, errors in loader:
         n = len(ok_idx) + len(errors)

@@ -154,9 +154,9 @@ def pretrain_tiny_teacher(cfg: TinyTeacherConfig, out_path: str | os.PathLike, p
     import open_clip
     from open_clip.loss import ClipLoss
     from safetensors.torch import save
-    from tqdm import tqdm
 
     from ..core.atomic import write_bytes, write_json
+    from ..core.progress import bar as progress_bar
     from ..core.state import tensors_sha256
     from ..data import shapes10
 
@@ -180,7 +180,7 @@ def pretrain_tiny_teacher(cfg: TinyTeacherConfig, out_path: str | os.PathLike, p
         order = torch.randperm(cfg.n_captions, generator=g)
         pos = 0
         losses: list[float] = []
-        bar = tqdm(range(cfg.steps), desc=f"pre-train {TINY_NAME}", disable=None if progress else True, unit="step")
+        bar = progress_bar(range(cfg.steps), desc=f"pre-train {TINY_NAME}", enabled=progress, unit="step")
         for step in bar:
             if pos + cfg.batch_size > cfg.n_captions:  # new epoch, new order
                 order, pos = torch.randperm(cfg.n_captions, generator=g), 0
