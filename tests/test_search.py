@@ -178,6 +178,7 @@ class KnnServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.index, self.dataset, self.teacher = index, dataset, teacher
         self.posts: list[dict] = []
+        self.gets: list[str] = []
         self.fail_first = True  # a 503 on the first POST: the client must try again
         self.broken_text = None  # a prompt answered with 500 every time
         self.answered = 0
@@ -231,6 +232,7 @@ class Handler(BaseHTTPRequestHandler):
         return self._send(200, json.dumps(s.answer(body)).encode(), "application/json")
 
     def do_GET(self):
+        self.server.gets.append(self.path)
         kind, name = self.path.strip("/").split("/")
         i = int(name.split(".")[0])
         if kind == "missing":
@@ -344,3 +346,77 @@ def test_service_error_answer_names_the_index(server, local, pool, random_teache
             "--index", "laion-nope", "--out", str(tmp_path / "x")]
     assert main(args) == 1
     assert "--index" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- download
+
+def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(server, local, pool,
+                                                                            random_teacher_file, cache_dir,
+                                                                            tmp_path, capsys):
+    """The words-only road against the loopback service: search, then img2dataset downloads the
+    results into shards (its 404s, timeouts, non-images and duplicates counted, never fatal), then
+    fit-prompts trains on the shards as a pool."""
+    pytest.importorskip("img2dataset")
+    from clipdistill.cli import main
+
+    server.fail_first = False
+    found = tmp_path / "found"
+    assert main(["search", *_args(pool, random_teacher_file, cache_dir), "--service", f"{server.url}/knn-service",
+                 "--index", "pool-test", "--per-class", "8", "--out", str(found), "--sheet-images", "0"]) == 0
+    capsys.readouterr()
+    # each prompt's 8: its 5 odd URLs (two of the same bytes, a 404, one slower than --timeout, a page
+    # of HTML) and 3 pool images
+    dl = ["download", "--results", str(found / "results.jsonl"), "--timeout", "1", "--retries", "1", "--shard-size",
+          "10", "--no-progress", "--json"]
+    assert main(dl) == 0
+    res = json.loads(capsys.readouterr().out)
+    n = len(local["prompts"])
+    assert res["found"] == 8 * n
+    assert res["failed"] == {"HTTP 404": n, "timeout": n, "not an image": n} and res["failed_total"] == 3 * n
+    assert res["downloaded"] == 5 * n and res["duplicates"] == n and res["distinct"] == 4 * n
+    shards = [Path(s) for s in res["shards"]]
+    assert [s.name for s in shards] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
+    assert res["pool"] == str(found / "shards" / "{00000..00003}.tar")
+    # what img2dataset wrote beside each image: its caption and our columns
+    import tarfile
+
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(next(m for m in names if m.endswith(".json"))).read())
+    assert any(m.endswith(".jpg") for m in names) and any(m.endswith(".txt") for m in names)
+    assert {"url", "caption", "prompt", "class", "similarity"} <= set(meta)
+    # the shards are a pool as they are: fit-prompts reads every distinct image once
+    out = tmp_path / "fit"
+    assert main(["fit-prompts", "--prompts", str(pool / "classes.txt"), "--pool", res["pool"], "--out", str(out),
+                 "--pretrained", str(random_teacher_file), "--cache-dir", str(cache_dir), "--teacher", "tiny-shapes",
+                 "--epochs", "1", "--batch-size", "8", "--no-int8", "--workers", "0", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "model.onnx").is_file(), said
+    assert summary["pool"]["images"] == res["distinct"] and summary["pool"]["duplicates"] == res["duplicates"]
+    # killed or not, the same command again fetches nothing: every shard has its stats
+    before = len(server.gets)
+    assert main(dl) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert len(server.gets) == before and {k: again[k] for k in ("downloaded", "duplicates", "failed")} == \
+        {k: res[k] for k in ("downloaded", "duplicates", "failed")}
+    # an edited list into the same shards is refused, not read as done
+    edited = found / "edited.jsonl"
+    edited.write_text("".join((found / "results.jsonl").read_text().splitlines(True)[:-1]))
+    assert main([*dl, "--results", str(edited), "--out", str(found / "shards")]) == 1
+    assert "holds shards of another URL list" in capsys.readouterr().err
+
+
+def test_download_refuses_what_is_not_a_url_list(tmp_path):
+    from clipdistill.core.errors import ClipDistillError, ConfigError
+    from clipdistill.data.download import DownloadConfig, read_results
+
+    with pytest.raises(ConfigError, match="--results"):
+        DownloadConfig(results=str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "r.jsonl"
+    bad.write_text('{"url": "http://x/1.png"}\n{"caption": "no url"}\n')
+    with pytest.raises(ClipDistillError, match=r"r.jsonl:2: no url column"):
+        read_results(bad)
+    local = tmp_path / "l.jsonl"
+    local.write_text(json.dumps({"url": str(tmp_path / "a b.png")}) + "\n")
+    assert read_results(local)[0]["url"] == (tmp_path / "a b.png").as_uri()  # a local search's path: file://

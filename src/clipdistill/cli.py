@@ -220,6 +220,20 @@ VERBS.add("search", Verb(
     "--per-class 200 --rate-limit 1",
     ".teacher.search:SearchConfig", ".teacher.search:search", ".teacher.search:text", json=JSON_HELP, needs=TRAIN))
 
+VERBS.add("download", Verb(
+    "fetch the images a search found into WebDataset shards (img2dataset), a pool fit-prompts reads as it is",
+    "After `clipdistill search`: img2dataset downloads every URL of its results.jsonl (threads, retries, larger "
+    "images resized to --image-size on their shorter side) into OUT/00000.tar, ... with each image's caption, "
+    "prompt and similarity beside it. Failed downloads (HTTP errors, timeouts, bytes that are not an image) and "
+    "duplicates (the same bytes under two URLs) are counted, never fatal. A local search's file paths are "
+    "fetched as file:// URLs (a NAS's few thousand images that matter, in compact shards). Killed, the same "
+    "command fetches only the shards not finished. Needs the download extra: pip install 'clipdistill[download]'."
+    "\n\nexamples:\n  clipdistill download --results runs/search-classes/results.jsonl\n"
+    "  clipdistill download --results runs/found/results.jsonl --out shards/found --image-size 384 --processes 2\n"
+    "then: clipdistill fit-prompts --prompts classes.txt --pool 'shards/found/{00000..00003}.tar' --out runs/mine",
+    ".data.download:DownloadConfig", ".data.download:download", ".data.download:text", json=JSON_HELP,
+    needs=("download",)))
+
 VERBS.add("predict", Verb(
     "top-k classes per image from an exported ONNX model (ONNX Runtime, numpy and Pillow only)",
     "Reads the input size, normalisation and class names from the model's metadata; folders are read in "

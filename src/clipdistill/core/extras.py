@@ -20,6 +20,7 @@ EXTRAS: dict[str, dict[str, str]] = {
               "tqdm": "tqdm", "tensorboard": "tensorboard", "onnx": "onnx", "onnxruntime": "onnxruntime",
               "onnxscript": "onnxscript", "matplotlib": "matplotlib", "webdataset": "webdataset"},
     "compress": {"modelopt": "nvidia-modelopt", "requests": "requests"},
+    "download": {"img2dataset": "img2dataset", "pyarrow": "pyarrow"},
 }
 # said after the install command
 HINTS = {"device": " (on a Jetson: the onnxruntime-gpu wheel for your JetPack, from the Jetson Zoo, instead)"}

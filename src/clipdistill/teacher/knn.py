@@ -22,7 +22,6 @@ cost; it is not built here."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,12 +59,12 @@ def top_per_prompt(embeddings: np.ndarray, text: np.ndarray, k: int, valid=None,
                    progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per prompt (row of `text`), its k most similar rows of `embeddings` by cosine, as
     (similarities, rows) sorted best first. `valid`: the cache's valid array (only KEPT rows count)."""
-    from tqdm import tqdm
+    from ..core.progress import bar as progress_bar
 
     t = normalise(text)
     n = len(embeddings)
     best = [(np.empty(0, np.float32), np.empty(0, np.int64)) for _ in range(len(t))]
-    bar = tqdm(total=n, unit="row", desc="search", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=n, unit="row", desc="search", enabled=progress)
     for a in range(0, n, chunk_rows):
         b = min(n, a + chunk_rows)
         sims = t @ normalise(embeddings[a:b]).T  # (prompts, rows): a prompt's row is contiguous

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional, Protocol
@@ -106,12 +105,11 @@ class ServiceSource:
         self.fetched: dict = {}
 
     def find(self, prompts: list[str], n: int) -> list[list[dict]]:
-        from tqdm import tqdm
+        from ..core.progress import bar
 
         asked = [self.cfg.candidates or 2 * n] * len(prompts)
-        answers = [self._ask(p, k) for p, k in zip(tqdm(prompts, desc="ask the service", unit="prompt",
-                                                       disable=not self.cfg.progress, file=sys.stderr,
-                                                       dynamic_ncols=True), asked)]
+        answers = [self._ask(p, k) for p, k in zip(bar(prompts, desc="ask the service", unit="prompt",
+                                                       enabled=self.cfg.progress), asked)]
         picked = _one_per_url(answers, n)
         for _ in range(WIDEN_ROUNDS):
             # a prompt left short after each URL went to the prompt it matches best, whose answer was
