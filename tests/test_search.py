@@ -9,13 +9,13 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clipdistill.teacher import knn
+from clipdistill.teacher.knn_server import KnnHandler, KnnServer
 
 PER_CLASS = 12
 
@@ -166,17 +166,15 @@ def test_config_errors_name_the_flag(pool, extra, flag):
 
 # ---------------------------------------------------------------------------------------- the service
 
-class KnnServer(ThreadingHTTPServer):
-    """A knn service on 127.0.0.1 answering from a real index (the pool's embedding cache, searched
-    by knn.top_per_prompt with the teacher's text embedding), and serving the pool's images. Each
-    answer starts with five URLs that fail in their own way on the contact sheets (a 404, one slower
-    than the client waits, text instead of an image, two URLs with the same bytes)."""
-
-    daemon_threads = True
+class Server(KnnServer):
+    """clipdistill's knn server (teacher/knn_server.py) on 127.0.0.1 over the pool's embedding cache,
+    made to fail as services do: each answer starts with five URLs that fail in their own way on
+    the contact sheets and downloads (a 404, one slower than the client waits, text instead of an
+    image, two URLs with the same bytes); the first POST is a 503; `broken_text` gets 500s."""
 
     def __init__(self, index, dataset, teacher):
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.index, self.dataset, self.teacher = index, dataset, teacher
+        super().__init__(index.embeddings, index.valid, lambda t: teacher.encode_texts([t]).numpy()[0], dataset.load,
+                         "pool-test", handler=Handler)
         self.posts: list[dict] = []
         self.gets: list[str] = []
         self.fail_first = True  # a 503 on the first POST: the client must try again
@@ -184,38 +182,18 @@ class KnnServer(ThreadingHTTPServer):
         self.answered = 0
         self.same_for = None  # a prompt whose answer every prompt gets, without the odd URLs
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
     def answer(self, body: dict) -> list[dict]:
-        text = self.teacher.encode_texts([self.same_for or body["text"]]).numpy()
-        (sims, rows), = knn.top_per_prompt(self.index.embeddings, text, body["num_images"], self.index.valid)
+        found = super().answer({**body, "text": self.same_for or body["text"]})
         self.answered += 1
         i = self.answered
         odd = [] if self.same_for else [("dup-a", 0.99), ("dup-b", 0.98), ("missing", 0.97), ("slow", 0.96),
                                         ("text", 0.95)]
         return ([{"url": f"{self.url}/{kind}/{i}.png", "caption": kind, "similarity": s, "id": -1}
-                 for kind, s in odd]
-                + [{"url": f"{self.url}/img/{r}.png", "caption": f"pool image {r}", "similarity": float(s),
-                    "id": int(r)} for s, r in zip(sims, rows)])[:body["num_images"]]
+                 for kind, s in odd] + found)[:body["num_images"]]
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: KnnServer
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def _send(self, code: int, data: bytes, kind: str) -> None:
-        try:
-            self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up on the slow URL, as it should
-            pass
+class Handler(KnnHandler):
+    server: Server
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -223,31 +201,31 @@ class Handler(BaseHTTPRequestHandler):
         s.posts.append(body)
         if s.fail_first:
             s.fail_first = False
-            return self._send(503, b"busy", "text/plain")
+            return self.send(503, b"busy", "text/plain")
         if body["text"] == s.broken_text:
-            return self._send(500, b"boom", "text/plain")
-        if body["indice_name"] != "pool-test":
-            return self._send(200, json.dumps({"error": f"unknown index {body['indice_name']}"}).encode(),
-                              "application/json")
-        return self._send(200, json.dumps(s.answer(body)).encode(), "application/json")
+            return self.send(500, b"boom", "text/plain")
+        self.rfile = io.BytesIO(json.dumps(body).encode())  # read again by the real handler
+        self.headers.replace_header("Content-Length", str(len(self.rfile.getvalue())))
+        return super().do_POST()
 
     def do_GET(self):
         self.server.gets.append(self.path)
         kind, name = self.path.strip("/").split("/")
+        if kind == "images":
+            return super().do_GET()
         i = int(name.split(".")[0])
         if kind == "missing":
-            return self._send(404, b"no such image", "text/plain")
+            return self.send(404, b"no such image", "text/plain")
         if kind == "slow":
-            time.sleep(2.5)
+            time.sleep(8)  # far past every client timeout below, even on a loaded machine
         if kind == "text":
-            return self._send(200, b"<html>not an image</html>", "text/html")
+            return self.send(200, b"<html>not an image</html>", "text/html")
         from PIL import Image
 
         # the two dup URLs of an answer: the same bytes, an image no other URL serves
-        im = Image.new("RGB", (16, 16), (i, 255 - i, 0)) if kind.startswith("dup") else self.server.dataset.load(i)
         buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        return self._send(200, buf.getvalue(), "image/png")
+        Image.new("RGB", (16, 16), (i, 255 - i, 0)).save(buf, format="PNG")
+        return self.send(200, buf.getvalue(), "image/png")
 
 
 @pytest.fixture()
@@ -255,7 +233,7 @@ def server(local, random_teacher_file, cache_dir):
     from clipdistill.teacher.openclip_teacher import create_teacher
 
     teacher = create_teacher("tiny-shapes", str(random_teacher_file), "cpu", "fp32", str(cache_dir))
-    srv = KnnServer(local["cache"], local["source"].dataset, teacher)
+    srv = Server(local["cache"], local["source"].dataset, teacher)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -271,7 +249,7 @@ def test_service_client_retries_caches_resumes_and_shows_failures(server, local,
     out = tmp_path / "found"
     args = ["search", *_args(pool, random_teacher_file, cache_dir), "--service", f"{server.url}/knn-service",
             "--index", "pool-test", "--per-class", "8", "--out", str(out), "--backoff", "0.05", "--retries", "2",
-            "--fetch-timeout", "0.8", "--json"]
+            "--fetch-timeout", "2", "--json"]
     # 1. killed half-way: the third prompt never gets an answer (500 on every try)
     server.broken_text = prompts[2]
     assert main(args) == 1
@@ -305,7 +283,7 @@ def test_service_client_retries_caches_resumes_and_shows_failures(server, local,
     emb = knn.normalise(np.asarray(local["cache"].embeddings, dtype=np.float32))
     text = knn.normalise(local["text"])
     for r in lines:
-        if "/img/" in r["url"]:
+        if "/images/" in r["url"]:
             assert abs(emb[r["id"]] @ text[r["class"]] - r["similarity"]) < 1e-4
     # every failing URL was told apart on the sheets, never fatal
     assert res["shown"]["failed"] == {"HTTP 404": 4, "timeout": 4, "not an image": 4, "duplicate": 4}
@@ -366,7 +344,7 @@ def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(serv
     capsys.readouterr()
     # each prompt's 8: its 5 odd URLs (two of the same bytes, a 404, one slower than --timeout, a page
     # of HTML) and 3 pool images
-    dl = ["download", "--results", str(found / "results.jsonl"), "--timeout", "1", "--retries", "1", "--shard-size",
+    dl = ["download", "--results", str(found / "results.jsonl"), "--timeout", "3", "--retries", "0", "--shard-size",
           "10", "--no-progress", "--json"]
     assert main(dl) == 0
     res = json.loads(capsys.readouterr().out)
@@ -420,3 +398,35 @@ def test_download_refuses_what_is_not_a_url_list(tmp_path):
     local = tmp_path / "l.jsonl"
     local.write_text(json.dumps({"url": str(tmp_path / "a b.png")}) + "\n")
     assert read_results(local)[0]["url"] == (tmp_path / "a b.png").as_uri()  # a local search's path: file://
+
+
+def test_serve_knn_answers_the_client_from_the_embedded_pool(local, pool, random_teacher_file, cache_dir, tmp_path):
+    """`clipdistill serve-knn`'s server, as the verb opens it (the pool's cache, the teacher's text
+    tower), asked by the real client: the answer is the local index's top-N, its images decode."""
+    from clipdistill.teacher.knn_server import ServeKnnConfig, open_server
+    from clipdistill.teacher.knn_service import KnnService, request_body
+
+    cfg = ServeKnnConfig(pool=[str(pool / "pool")], pretrained=str(random_teacher_file), teacher="tiny-shapes",
+                         cache_dir=str(cache_dir), device="cpu", precision="fp32", workers=0, port=0, progress=False)
+    assert cfg.index == "pool"
+    srv = open_server(cfg)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = KnnService(f"{srv.url}/knn-service", tmp_path / "answers", timeout=30, retries=0, backoff=0)
+        results, cached = client.query(request_body(local["prompts"][1], "pool", 10, 100))
+        emb = knn.normalise(np.asarray(local["cache"].embeddings, dtype=np.float32))
+        (sims, rows), = knn.top_per_prompt(emb, local["text"][1:2], 10, local["cache"].valid)
+        assert not cached and [r["id"] for r in results] == rows.tolist()
+        np.testing.assert_allclose([r["similarity"] for r in results], sims, atol=1e-4)
+        from clipdistill.teacher.search_sources import _fetch
+
+        data, why = _fetch(results[0]["url"], 10)
+        assert why == "" and data.startswith(b"\x89PNG")
+        assert _fetch(f"{srv.url}/images/99999.png", 10)[1] == "HTTP 404"
+        from clipdistill.core.errors import ClipDistillError
+
+        with pytest.raises(ClipDistillError, match="--index"):
+            client.query(request_body("a star", "laion5B-L-14", 10, 100))
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -220,6 +220,18 @@ VERBS.add("search", Verb(
     "--per-class 200 --rate-limit 1",
     ".teacher.search:SearchConfig", ".teacher.search:search", ".teacher.search:text", json=JSON_HELP, needs=TRAIN))
 
+VERBS.add("serve-knn", Verb(
+    "serve an embedded pool as a clip-retrieval knn service (what search --service asks), with its images",
+    "For an archive on one machine and prompts on another (a NAS of photos, shards on a file server): the pool is "
+    "embedded into the cache fit-prompts uses (once), then answered over HTTP in clip-retrieval's knn-service "
+    "protocol, each prompt encoded by the teacher's text tower, its images at /images/ROW.png. Also the offline "
+    "way through the words-only road: serve a pool on 127.0.0.1, then search, download and fit-prompts as against "
+    "LAION's service. No authentication: listen beyond 127.0.0.1 only on a network you trust.\n\n"
+    "examples:\n  clipdistill serve-knn --pool my-pool/pool --port 1234\n"
+    "  clipdistill search --prompts my-pool/classes.txt --service http://127.0.0.1:1234/knn-service --index pool",
+    ".teacher.knn_server:ServeKnnConfig", ".teacher.knn_server:serve", ".teacher.knn_server:text", json=JSON_HELP,
+    streams=True, needs=TRAIN))
+
 VERBS.add("download", Verb(
     "fetch the images a search found into WebDataset shards (img2dataset), a pool fit-prompts reads as it is",
     "After `clipdistill search`: img2dataset downloads every URL of its results.jsonl (threads, retries, larger "
