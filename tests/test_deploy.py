@@ -317,6 +317,8 @@ def test_bench_writes_every_field_for_the_backends_present(exported, trained_run
     assert [r for r in records if r["backend"] == "torch" and "int8" in r["model"]][0]["skipped"]
     assert "| student.onnx | student | ort-cpu | 32 | 8 | fp32 |" in proc.stdout
     assert "student / teacher:" in proc.stdout and "x the throughput" in proc.stdout
+    # the offline teacher is smaller than the student: the ratios say so (issue 27)
+    assert "note: the teacher here is tiny-shapes, the offline world's stand-in" in proc.stdout
 
 
 def test_bench_refuses_a_size_the_model_was_not_exported_at(exported):

@@ -157,6 +157,78 @@ def test_fit_prompts_writes_everything_and_counts(fitted, capsys):
     assert (out / "run" / "metrics.jsonl").read_text() == metrics
 
 
+def _markdown_rows(text: str, first_cell: str) -> dict[str, list[str]]:
+    """The rows of the Markdown table whose header starts with `first_cell`, by their first cell."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_cell} |"))
+    rows = {}
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_fit_prompts_report_says_what_to_trust(fitted):
+    """Issue 27: REPORT.md leads with the agreement where the teacher matches a prompt, then the
+    one over every held-out image; the reject share per group, what passes as which class and the
+    confused pairs agree with summary.json; at --keep-threshold 0 it says every image was kept and
+    how many the teacher says match no prompt (not "matching no prompt: 0")."""
+    out = fitted["out"]
+    s = json.loads((out / "summary.json").read_text())
+    q, cur = s["quality"], s["curation"]
+    report = (out / "REPORT.md").read_text()
+    trust = report.split("## What to trust", 1)[1].split("## The run", 1)[0]
+    first = next(ln for ln in trust.splitlines() if ln.startswith("- "))
+    assert first.startswith(f"- **agreement with the teacher where it matches a prompt: "
+                            f"{q['agreement_where_teacher_matches']:.2f}%** of {q['teacher_matching_held_out']} ")
+    assert trust.index(first) < trust.index(f"agreement over all 40 held-out pool images: {q['agreement']:.2f}%")
+
+    # the table: a row per class and one for "matches no prompt", as summary.json counts them
+    a = q["answers_by_teacher_call"]
+    classes = ["circle", "crescent", "heart", "star"]
+    assert a["rows"] == classes + ["matches no prompt"] and a["columns"] == classes + ["none of these"]
+    counts = np.asarray(a["counts"])
+    assert counts.sum() == q["held_out_images"] == 40
+    assert counts[:-1].sum() == q["teacher_matching_held_out"] > 0 and counts[-1].sum() == 40 - counts[:-1].sum()
+    assert counts[:, -1].sum() == pytest.approx(q["rejected_share_held_out"] * 40 / 100)
+    # accepted answers are a part of the student's top class (the confusion where the teacher matches)
+    matched = np.asarray(q["confusion_where_teacher_matches"]["counts"])
+    assert (matched.sum(1) == counts[:-1].sum(1)).all() and (counts[:-1, :-1] <= matched).all()
+    assert 100 * np.trace(matched) / matched.sum() == pytest.approx(q["agreement_where_teacher_matches"])
+    rows = _markdown_rows(report, "the teacher's call")
+    assert list(rows) == a["rows"]
+    for name, row in zip(a["rows"], counts):
+        assert int(rows[name][0]) == row.sum()
+        assert [int(c.split(" ")[0]) for c in rows[name][1:]] == row.tolist()
+    n_none = int(counts[-1].sum())
+    assert (f"of the held-out pool images; {counts[-1, -1]} of {n_none} " in trust
+            and f"{counts[:-1, -1].sum()} of {q['teacher_matching_held_out']} " in trust)
+    assert f"images matching no prompt that still pass as a class: {n_none - counts[-1, -1]} of {n_none}" in trust
+    for k in np.flatnonzero(counts[-1, :-1]):  # each class the no-prompt images pass as, with its count
+        assert f"{classes[k]} {counts[-1, k]} of {n_none}" in trust
+    # the confused pairs: the largest off-diagonal cells where the teacher matches a prompt
+    off = matched - np.diag(np.diag(matched))
+    pairs = q["top_confusions"]
+    assert [p["images"] for p in pairs] == sorted(off[off > 0].tolist(), reverse=True)[:3]
+    for p in pairs:
+        assert off[classes.index(p["teacher"]), classes.index(p["student"])] == p["images"]
+        assert f"{p['teacher']} -> {p['student']} {p['images']} of {p['of']}" in trust
+
+    # --keep-threshold 0 kept every image; the teacher's cut (the one assess uses) says how many match no prompt
+    call = cur["teacher_call"]
+    assert call["similarity_cut"] == pytest.approx(q["teacher_similarity_cut"])
+    assert call["no_prompt_share"] == pytest.approx(100 - q["pool_matching_share"])
+    assert call["no_prompt"] == round(cur["scored"] * call["no_prompt_share"] / 100) > 0
+    assert cur["summary"] in report and "kept every image in its best prompt's class (--keep-threshold 0)" in report
+    assert f"{call['no_prompt']} of them ({call['no_prompt_share']:.0f}%) match no prompt" in report
+    assert "matching no prompt: 0" not in report
+    # none-top.png shows those images (the threshold put none there): a full grid, not "(none)"
+    with Image.open(out / "sheets" / "none-top.png") as im:
+        assert im.size[1] == 18 + -(-min(24, call["no_prompt"]) // 8) * (96 + 14 + 4) + 4  # rows of 8 (data/sheets.py)
+
+
 def test_fit_prompts_without_labels_at_all(small_pool, cache_dir, trained_teacher_file, tmp_path, capsys):
     """No --eval: nothing is labelled anywhere; the run reports agreement only, INT8 is gated on
     how many predictions change."""

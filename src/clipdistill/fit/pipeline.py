@@ -11,7 +11,8 @@ stage (and, in training, the epoch) where it stopped:
 5. assess  agreement and confusion against the teacher, disagreements, reject threshold (quality.py)
 6. export  ONNX (+ INT8) with the sidecar, checked against PyTorch (deploy/export.py)
 
-OUT/fit.json records each finished stage; OUT/REPORT.md says where everything is.
+OUT/fit.json records each finished stage; OUT/REPORT.md (report.py) says what to trust, then where
+everything is.
 
 A stage's key is what it reads, by content: the flags, the lines of the prompt and template
 files, the pool's images (their content hashes) and the --eval images. The same command after an
@@ -33,6 +34,8 @@ from ..core import atomic
 from ..core.config import runtime_fields, to_dict
 from ..core.locks import exclusive
 from .config import FitConfig
+from .quality import FORMAT as QUALITY_FORMAT
+from .report import report
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,12 @@ class Stages:
         log.info("[%d/%d] %s%s", k, len(STAGES), name, left)
         self._started = time.time()
 
-    def reuse(self, name: str, *files) -> Optional[dict]:
-        """The stage's earlier result if it finished for these settings and its files are there."""
+    def reuse(self, name: str, *files, same: Optional[dict] = None) -> Optional[dict]:
+        """The stage's earlier result if it finished for these settings, its files are there and
+        its fields hold the values in `same` (the training it saw, the format it was written in)."""
         done = self.done.get(name)
-        if done is not None and all(f and Path(f).exists() for f in files):
+        if done is not None and all(f and Path(f).exists() for f in files) and \
+                all(done.get(k) == v for k, v in (same or {}).items()):
             log.info("[%d/%d] %s: done earlier (%s)", STAGES.index(name) + 1, len(STAGES), name, self.path)
             return done
         return None
@@ -191,8 +196,10 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     if not rows_file.is_file():
         save(cur, rows_file, pool.fingerprint())
     sheets = write_sheets(cur, pool, out / "sheets")
-    log.info("%s; contact sheets in %s", cur.summary(), out / "sheets")
-    stages.finish("curate", {**cur.counts(), "sheets": str(out / "sheets")})
+    # One sentence for the console and REPORT.md alike (what "matching no prompt" means at this threshold).
+    curation = {**cur.counts(), "teacher_call": cur.teacher_call(), "summary": cur.summary()}
+    log.info("%s; contact sheets in %s", curation["summary"], out / "sheets")
+    stages.finish("curate", {**curation, "sheets": str(out / "sheets")})
 
     epochs = cfg.epochs_for(len(cur.rows))
     tcfg = cfg.train_config(size, rows=str(rows_file), epochs=epochs)
@@ -205,12 +212,14 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     # Assessing and exporting are redone after a new training only (train() reused a finished run
     # when its result's epoch is the one they saw).
     fresh = {"best_epoch": res.get("best_epoch"), "train_seconds": res.get("train_seconds")}
-    quality = stages.reuse("assess", tcfg.run_dir().path / "calibration.json")
-    if quality is None or quality.get("trained") != fresh:
+    quality = stages.reuse("assess", tcfg.run_dir().path / "calibration.json",
+                           same={"trained": fresh, "format": QUALITY_FORMAT})
+    if quality is None:
         stages.start("assess")
         quality = stages.finish("assess", {**_assess(tcfg, teacher, out), "trained": fresh})
-    exp = stages.reuse("export", out / "model.onnx", (stages.done.get("export") or {}).get("int8") if cfg.int8 else out)
-    if exp is None or exp.get("trained") != fresh:
+    exp = stages.reuse("export", out / "model.onnx", (stages.done.get("export") or {}).get("int8") if cfg.int8 else out,
+                       same={"trained": fresh})
+    if exp is None:
         stages.start("export")
         exp = stages.finish("export", {**_export(cfg, tcfg), "trained": fresh})
     else:  # the model is the one exported earlier; the bundle follows this run's --bundle
@@ -219,10 +228,10 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
         exp = {**exp, "bundle": write_for(cfg, [Path(exp["onnx"])] + ([Path(exp["int8"])] if exp.get("int8") else []))}
 
     summary = {"out": str(out), "pool": pool_counts, "teacher_zero_shot_accuracy": zero_shot,
-               "curation": cur.counts(), "student": {k: res.get(k) for k in ("test_accuracy", "teacher_agreement",
+               "curation": curation, "student": {k: res.get(k) for k in ("test_accuracy", "teacher_agreement",
                                                                             "best_epoch", "teaching")},
                "quality": quality, "export": exp, "sheets": [str(p) for p in sheets],
-               "seconds": {k: v.get("seconds") for k, v in stages.done.items()},
+               "seconds": {k: stages.done[k].get("seconds") for k in STAGES if k in stages.done},
                "wall_seconds": round(time.time() - t_start, 1)}
     atomic.write_json(out / "summary.json", summary)
     atomic.write_text(out / "REPORT.md", report(summary, cfg))
@@ -255,9 +264,12 @@ def _assess(tcfg, teacher, out: Path) -> dict:
         "reject_threshold": q["reject_threshold"], "score": "top softmax probability of the model's output",
         "calibrated_on": f"{q['held_out_images']} held-out pool images, against the teacher's similarity cut "
                          f"{q['teacher_similarity_cut']:.3f}", "balanced_agreement": q["balanced_agreement"]})
-    log.info("label-free: the student agrees with the teacher on %.1f%% of %d held-out pool images; reject below "
-             "top probability %.3f (reproduces the teacher's 'none of these' call at %s%% balanced agreement)",
-             q["agreement"], q["held_out_images"], q["reject_threshold"],
+    matching = q["agreement_where_teacher_matches"]
+    log.info("label-free: the student agrees with the teacher on %s of the %d held-out pool images the teacher "
+             "matches to a prompt (%.1f%% of all %d); reject below top probability %.3f (reproduces the teacher's "
+             "'none of these' call at %s%% balanced agreement)",
+             "-" if matching is None else f"{matching:.1f}%", q["teacher_matching_held_out"], q["agreement"],
+             q["held_out_images"], q["reject_threshold"],
              f"{q['balanced_agreement']:.1f}" if q["balanced_agreement"] is not None else "-")
     return q
 
@@ -273,30 +285,3 @@ def _export(cfg: FitConfig, tcfg) -> dict:
             "int8_accuracy": q.get("accuracy_int8"), "fp32_onnx_accuracy": q.get("accuracy_fp32"),
             "int8_agreement_with_fp32": q.get("agreement_with_fp32"),
             "parity_max_abs_diff": res["parity"]["max_abs_diff"], "bundle": res.get("bundle")}
-
-
-def _pct(v) -> str:
-    return "-" if v is None or v != v else f"{v:.2f}%"
-
-
-def report(s: dict, cfg: FitConfig) -> str:
-    p, c, st, q, e = s["pool"], s["curation"], s["student"], s["quality"], s["export"]
-    per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
-    lines = [
-        f"# fit-prompts: {cfg.prompts}", "",
-        f"- pool: {p['files']} files, {p['images']} distinct images, {p['duplicates']} duplicates, "
-        f"{p['broken']} broken (listed in fit.json)",
-        f"- curated: {c['kept']} of {c['scored']} ({per}; negatives kept {c['negatives_kept']}, dropped "
-        f"{c['dropped']}); contact sheets: {Path(cfg.out) / 'sheets'}",
-        f"- teacher zero-shot on --eval: {_pct(s['teacher_zero_shot_accuracy'])}",
-        f"- student ({cfg.student}, {cfg.method}, teaching {st['teaching']}, best epoch {st['best_epoch']}): "
-        f"test accuracy {_pct(st['test_accuracy'])}, agreement with the teacher {_pct(st['teacher_agreement'])}",
-        f"- without labels: agreement {_pct(q['agreement'])} on {q['held_out_images']} held-out pool images; "
-        f"reject below top probability {q['reject_threshold']:.3f}; disagreements: {q['disagreements_sheet']}",
-        f"- model: {e['onnx']} (sidecar {e['sidecar']}); INT8: {e['int8'] or '-'} "
-        f"(test accuracy {_pct(e['int8_accuracy'])}, fp32 ONNX {_pct(e['fp32_onnx_accuracy'])})",
-        "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if v is not None)
-        + f"; wall {s['wall_seconds']:.0f} s", "",
-        f"Predict: `clipdistill predict --model {e['onnx']} IMAGES_OR_VIDEO`",
-    ]
-    return "\n".join(lines) + "\n"

@@ -9,7 +9,14 @@ class. Images that match no prompt (below the threshold) are either kept as nega
 trained on with the teacher's soft targets, which teaches the student what none of the
 classes looks like, or dropped. The result is a list of rows of the embedding cache (nothing
 is copied), saved with the pool's fingerprint so a changed pool is never curated by an old
-list; contact sheets show what was chosen."""
+list; contact sheets show what was chosen.
+
+The probability threshold cannot say whether an image shows any prompted class at all (a softmax
+over the prompts always sums to one; at the default --keep-threshold 0 every image is kept in its
+best prompt's class). The teacher's own call for that is its cosine similarity to the best prompt
+under a cut found without labels (Otsu's split, fit/quality.py uses the same one): the summary and
+the sheets say how many images it puts there, so a sheet full of shapes no prompt names reads as
+what it is, not as a broken curation."""
 
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import numpy as np
 from ..core import atomic
 from ..core.config import check, option
 from ..core.errors import ConfigError
+from ..deploy.reject import otsu
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +87,28 @@ class Curation:
     options: dict
     similarity: Optional[np.ndarray] = None  # per candidate: cosine to its best prompt (shown on the sheets)
 
+    @property
+    def similarity_cut(self) -> Optional[float]:
+        """The teacher's "matches a prompt" cut on `similarity` (None without similarities)."""
+        return None if self.similarity is None else otsu(self.similarity)
+
+    def no_prompt(self) -> Optional[np.ndarray]:
+        """Per candidate: the teacher says it matches no prompt (cosine under the cut), whatever
+        the probability threshold kept; None without similarities."""
+        return None if self.similarity is None else self.similarity < self.similarity_cut
+
+    def keeps_every_image(self) -> bool:
+        """No threshold and no top-N: each image belongs to its best prompt, however unlike them."""
+        return self.options["keep_threshold"] == 0 and not self.options["keep_top"]
+
+    def teacher_call(self) -> Optional[dict]:
+        """How many scored images the teacher says match no prompt, for the summary and REPORT.md."""
+        none = self.no_prompt()
+        if none is None:
+            return None
+        return {"similarity_cut": self.similarity_cut, "no_prompt": int(none.sum()),
+                "no_prompt_share": float(none.mean() * 100) if none.size else float("nan")}
+
     def counts(self) -> dict:
         per_class = {c: int(((self.assigned == k) & self.matched).sum()) for k, c in enumerate(self.classes)}
         unmatched = int((~self.matched).sum())
@@ -87,11 +117,22 @@ class Curation:
                 "dropped": 0 if self.options["negatives"] == "keep" else unmatched}
 
     def summary(self) -> str:
+        """One line for the console and REPORT.md. At --keep-threshold 0 "matching no prompt: 0"
+        was true of the threshold only, and read as "the pool is all prompted classes"; the line
+        says instead that every image was kept and how many of them the teacher says match no prompt."""
         c = self.counts()
         per = ", ".join(f"{k} {v}" for k, v in c["per_class"].items())
-        return (f"curated {c['kept']} of {c['scored']} pool images: {per}; matching no prompt: "
-                + (f"{c['negatives_kept']} kept as negatives" if self.options["negatives"] == "keep"
-                   else f"{c['dropped']} dropped"))
+        head = f"curated {c['kept']} of {c['scored']} pool images: {per}; "
+        call = self.teacher_call()
+        said = "" if call is None else (f"by the teacher's cosine to the prompts (cut {call['similarity_cut']:.3f}), "
+                                        f"{call['no_prompt']} of them ({call['no_prompt_share']:.0f}%) match no prompt")
+        if self.keeps_every_image():
+            return head + ("kept every image in its best prompt's class (--keep-threshold 0)"
+                           + (f"; {said}, and the classes' edge sheets show them" if said else ""))
+        under = (f"under --keep-threshold {self.options['keep_threshold']:g}"
+                 + (f" or past --keep-top {self.options['keep_top']}" if self.options["keep_top"] else ""))
+        return (head + f"{under}: " + (f"{c['negatives_kept']} kept as negatives" if self.options["negatives"] == "keep"
+                                       else f"{c['dropped']} dropped") + (f"; {said}" if said else ""))
 
 
 def curate(probs: np.ndarray, candidates: np.ndarray, classes: list[str], threshold: float = 0.0, top: int = 0,
@@ -134,33 +175,44 @@ def write_sheets(cur: Curation, dataset, out_dir: str | Path, n: int = 24) -> li
     """Per class, two sheets: the teacher's most confident kept images (`CLASS-top.png`) and
     the least confident ones still kept, at the threshold (`CLASS-edge.png`); plus the most
     confident of those matching no prompt (`none-top.png`): where the threshold may be wrong.
+    At --keep-threshold 0 nothing is under the threshold, so `none-top.png` shows the images the
+    teacher's cosine cut says match no prompt instead, and each edge sheet's title says how many of
+    its class's kept images are such: those are the shapes of no prompted class the sheet shows.
     CLASS is the class's name made safe for a file, numbered where two would be the same or one
     would be `none` (data/sheets.py `sheet_stems`); each sheet's title says its class in full."""
     from ..data.sheets import contact_sheet, sheet_stems
 
     out = Path(out_dir)
     paths = []
+    no_prompt = cur.no_prompt()
+    every = cur.keeps_every_image() and no_prompt is not None
 
     def load(rows):
         return [dataset.load(int(r)) for r in rows]
 
-    def cap(i: int, name: bool = False) -> str:
-        sim = f" s{cur.similarity[i]:.2f}" if cur.similarity is not None else ""
-        return (f"{cur.classes[cur.assigned[i]][:6]} " if name else "") + f"p{cur.score[i]:.2f}{sim}"
+    def cap(i: int, name: bool = False) -> str:  # at most 16 characters: a cell's width (p1.00 s.48)
+        sim = f" s{cur.similarity[i]:.2f}".replace("s0.", "s.") if cur.similarity is not None else ""
+        return (f"{cur.classes[cur.assigned[i]][:5]} " if name else "") + f"p{cur.score[i]:.2f}{sim}"
 
     for k, (c, safe) in enumerate(zip(cur.classes, sheet_stems(cur.classes, reserved=[NONE_SHEET]))):
         idx = np.flatnonzero((cur.assigned == k) & cur.matched)
         order = idx[np.argsort(-cur.score[idx], kind="stable")]
+        kept = f"{c}: {len(idx)} kept" + (f" ({int(no_prompt[idx].sum())} with s<{cur.similarity_cut:.2f}: no prompt, "
+                                          f"kept by --keep-threshold 0)" if every else "")
         for tag, pick in (("top", order[:n]), ("edge", order[::-1][:n][::-1])):
             paths.append(contact_sheet(load(cur.candidates[pick]), [cap(i) for i in pick],
                                        out / f"{safe}-{tag}.png",
-                                       title=f"{c}: {len(idx)} kept; {'most' if tag == 'top' else 'least'} confident "
+                                       title=f"{kept}; {'most' if tag == 'top' else 'least'} confident "
                                              f"(p: teacher probability, s: cosine to the prompt)"))
-    none = np.flatnonzero(~cur.matched)
-    order = none[np.argsort(-cur.score[none], kind="stable")][:n]
-    paths.append(contact_sheet(load(cur.candidates[order]),
-                               [cap(i, name=True) for i in order],
-                               out / f"{NONE_SHEET}-top.png",
-                               title=f"matching no prompt: {len(none)} ({cur.options['negatives']}); "
-                                     f"the closest calls"))
+    if every:  # nothing is under the threshold: show the teacher's own "no prompt" call
+        none = np.flatnonzero(no_prompt)
+        order = none[np.argsort(-cur.similarity[none], kind="stable")][:n]
+        title = (f"matching no prompt by the teacher's cosine (s<{cur.similarity_cut:.2f}): {len(none)}, kept in their "
+                 f"best prompt's class (--keep-threshold 0); the closest calls")
+    else:
+        none = np.flatnonzero(~cur.matched)
+        order = none[np.argsort(-cur.score[none], kind="stable")][:n]
+        title = f"matching no prompt (under the threshold): {len(none)} ({cur.options['negatives']}); the closest calls"
+    paths.append(contact_sheet(load(cur.candidates[order]), [cap(i, name=True) for i in order],
+                               out / f"{NONE_SHEET}-top.png", title=title))
     return paths
