@@ -8,7 +8,6 @@ import io
 import json
 import re
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -181,9 +180,10 @@ class Server(KnnServer):
         self.broken_text = None  # a prompt answered with 500 every time
         self.answered = 0
         self.same_for = None  # a prompt whose answer every prompt gets, without the odd URLs
+        self.released = threading.Event()  # the slow URL answers only at teardown
 
-    def answer(self, body: dict) -> list[dict]:
-        found = super().answer({**body, "text": self.same_for or body["text"]})
+    def answer(self, body: dict, base=None) -> list[dict]:
+        found = super().answer({**body, "text": self.same_for or body["text"]}, base)
         self.answered += 1
         i = self.answered
         odd = [] if self.same_for else [("dup-a", 0.99), ("dup-b", 0.98), ("missing", 0.97), ("slow", 0.96),
@@ -217,7 +217,7 @@ class Handler(KnnHandler):
         if kind == "missing":
             return self.send(404, b"no such image", "text/plain")
         if kind == "slow":
-            time.sleep(8)  # far past every client timeout below, even on a loaded machine
+            self.server.released.wait(120)  # never within any client's timeout
         if kind == "text":
             return self.send(200, b"<html>not an image</html>", "text/html")
         from PIL import Image
@@ -237,6 +237,7 @@ def server(local, random_teacher_file, cache_dir):
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
+    srv.released.set()
     srv.shutdown()
     srv.server_close()
 
@@ -249,7 +250,7 @@ def test_service_client_retries_caches_resumes_and_shows_failures(server, local,
     out = tmp_path / "found"
     args = ["search", *_args(pool, random_teacher_file, cache_dir), "--service", f"{server.url}/knn-service",
             "--index", "pool-test", "--per-class", "8", "--out", str(out), "--backoff", "0.05", "--retries", "2",
-            "--fetch-timeout", "2", "--json"]
+            "--fetch-timeout", "3", "--json"]
     # 1. killed half-way: the third prompt never gets an answer (500 on every try)
     server.broken_text = prompts[2]
     assert main(args) == 1
@@ -330,7 +331,7 @@ def test_service_error_answer_names_the_index(server, local, pool, random_teache
 
 def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(server, local, pool,
                                                                             random_teacher_file, cache_dir,
-                                                                            tmp_path, capsys):
+                                                                            tmp_path, capfd):
     """The words-only road against the loopback service: search, then img2dataset downloads the
     results into shards (its 404s, timeouts, non-images and duplicates counted, never fatal), then
     fit-prompts trains on the shards as a pool."""
@@ -341,20 +342,22 @@ def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(serv
     found = tmp_path / "found"
     assert main(["search", *_args(pool, random_teacher_file, cache_dir), "--service", f"{server.url}/knn-service",
                  "--index", "pool-test", "--per-class", "8", "--out", str(found), "--sheet-images", "0"]) == 0
-    capsys.readouterr()
+    capfd.readouterr()
     # each prompt's 8: its 5 odd URLs (two of the same bytes, a 404, one slower than --timeout, a page
     # of HTML) and 3 pool images
-    dl = ["download", "--results", str(found / "results.jsonl"), "--timeout", "3", "--retries", "0", "--shard-size",
-          "10", "--no-progress", "--json"]
+    dl = ["download", "--results", str(found / "results.jsonl"), "--timeout", "4", "--retries", "0", "--shard-size",
+          "20", "--no-progress", "--json"]
     assert main(dl) == 0
-    res = json.loads(capsys.readouterr().out)
+    said = capfd.readouterr()  # the file descriptors: img2dataset's worker processes write there
+    res = json.loads(said.out)
+    assert "\r" not in said.err and "worker" in said.err  # its per-shard lines, no progress frames
     n = len(local["prompts"])
     assert res["found"] == 8 * n
     assert res["failed"] == {"HTTP 404": n, "timeout": n, "not an image": n} and res["failed_total"] == 3 * n
     assert res["downloaded"] == 5 * n and res["duplicates"] == n and res["distinct"] == 4 * n
     shards = [Path(s) for s in res["shards"]]
-    assert [s.name for s in shards] == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]
-    assert res["pool"] == str(found / "shards" / "{00000..00003}.tar")
+    assert [s.name for s in shards] == ["00000.tar", "00001.tar"] and res["not_attempted"] == 0
+    assert res["pool"] == str(found / "shards" / "{00000..00001}.tar")
     # what img2dataset wrote beside each image: its caption and our columns
     import tarfile
 
@@ -368,21 +371,21 @@ def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(serv
     assert main(["fit-prompts", "--prompts", str(pool / "classes.txt"), "--pool", res["pool"], "--out", str(out),
                  "--pretrained", str(random_teacher_file), "--cache-dir", str(cache_dir), "--teacher", "tiny-shapes",
                  "--epochs", "1", "--batch-size", "8", "--no-int8", "--workers", "0", "--no-progress"]) == 0
-    said = capsys.readouterr().out
+    said = capfd.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "model.onnx").is_file(), said
     assert summary["pool"]["images"] == res["distinct"] and summary["pool"]["duplicates"] == res["duplicates"]
     # killed or not, the same command again fetches nothing: every shard has its stats
     before = len(server.gets)
     assert main(dl) == 0
-    again = json.loads(capsys.readouterr().out)
+    again = json.loads(capfd.readouterr().out)
     assert len(server.gets) == before and {k: again[k] for k in ("downloaded", "duplicates", "failed")} == \
         {k: res[k] for k in ("downloaded", "duplicates", "failed")}
     # an edited list into the same shards is refused, not read as done
     edited = found / "edited.jsonl"
     edited.write_text("".join((found / "results.jsonl").read_text().splitlines(True)[:-1]))
     assert main([*dl, "--results", str(edited), "--out", str(found / "shards")]) == 1
-    assert "holds shards of another URL list" in capsys.readouterr().err
+    assert "holds shards of another URL list" in capfd.readouterr().err
 
 
 def test_download_refuses_what_is_not_a_url_list(tmp_path):
@@ -398,6 +401,27 @@ def test_download_refuses_what_is_not_a_url_list(tmp_path):
     local = tmp_path / "l.jsonl"
     local.write_text(json.dumps({"url": str(tmp_path / "a b.png")}) + "\n")
     assert read_results(local)[0]["url"] == (tmp_path / "a b.png").as_uri()  # a local search's path: file://
+    for url, said in [("file:///etc/passwd", "only http"), ("ftp://x/y.png", "only http"),
+                      ("/data/pool-000.tar::img/1.png@512", "member of a tar shard")]:
+        local.write_text(json.dumps({"url": url}) + "\n")
+        with pytest.raises(ClipDistillError, match=said):
+            read_results(local)
+
+
+def test_shard_pattern_only_for_consecutive_shards():
+    from clipdistill.data.download import shard_spec
+
+    assert shard_spec(["d/00000.tar", "d/00001.tar", "d/00002.tar"]) == "d/{00000..00002}.tar"
+    assert shard_spec(["d/00000.tar", "d/00002.tar"]) == "d/00000.tar,d/00002.tar"  # a shard given up on
+    assert shard_spec(["d/00003.tar"]) == "d/00003.tar" and shard_spec([]) == ""
+
+
+def test_service_results_pointing_at_local_files_are_left_out():
+    from clipdistill.teacher.knn_service import _results
+
+    got = _results(json.dumps([{"url": "file:///etc/passwd", "caption": "x"}, {"url": "http://a/1.png"},
+                               {"url": "HTTPS://b/2.png", "similarity": 0.5}]).encode(), "http://svc")
+    assert [r["url"] for r in got] == ["http://a/1.png", "HTTPS://b/2.png"]
 
 
 def test_serve_knn_answers_the_client_from_the_embedded_pool(local, pool, random_teacher_file, cache_dir, tmp_path):
@@ -430,3 +454,43 @@ def test_serve_knn_answers_the_client_from_the_embedded_pool(local, pool, random
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_serve_knn_binds_first_and_says_retry_until_the_pool_is_in(local, tmp_path):
+    """The port is taken before the pool is embedded (a port in use is said at once, naming
+    --port), a client asking meanwhile is told to retry and gets its answer once the index is in;
+    image URLs follow the Host the client used; a malformed request gets a 400."""
+    import http.client
+
+    from clipdistill.core.errors import ConfigError
+    from clipdistill.teacher.knn_server import ServeKnnConfig, bind
+
+    pool_dir = tmp_path / "p"
+    pool_dir.mkdir()
+    cfg = ServeKnnConfig(pool=[str(pool_dir)], port=0, index="p")
+    srv = bind(cfg)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(ConfigError, match="--port"):
+            bind(ServeKnnConfig(pool=[str(pool_dir)], port=srv.server_address[1]))
+
+        def post(body, host=None):
+            conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+            data = json.dumps(body).encode()
+            conn.request("POST", "/knn-service", data, {"Content-Type": "application/json",
+                                                        **({"Host": host} if host else {})})
+            resp = conn.getresponse()
+            return resp.status, resp.getheader("Retry-After"), resp.read()
+
+        ask = {"text": "a star", "num_images": 3, "indice_name": "p"}
+        assert post(ask)[:2] == (503, "5")
+        cache = local["cache"]
+        srv.ready(cache.embeddings, cache.valid, lambda t: local["text"][3], local["source"].dataset.load)
+        code, _, body = post(ask, host="nas.local:1234")
+        urls = [r["url"] for r in json.loads(body)]
+        assert code == 200 and len(urls) == 3 and all(u.startswith("http://nas.local:1234/images/") for u in urls)
+        assert post({**ask, "num_images": -1})[0] == 400 and post({"num_images": 3})[0] == 400
+    finally:
+        srv.shutdown()
+        srv.server_close()
+

@@ -79,12 +79,25 @@ def read_results(path: str | Path) -> list[dict]:
             raise ClipDistillError(f"{path}:{i}: not a JSON line ({e.msg}); give search's results.jsonl") from None
         if not isinstance(row, dict) or not isinstance(row.get("url"), str) or not row["url"]:
             raise ClipDistillError(f"{path}:{i}: no url column; each line needs {{\"url\": ..., \"caption\": ...}}")
-        if "://" not in row["url"]:
-            row["url"] = Path(row["url"]).resolve().as_uri()
+        row["url"] = _fetchable(row["url"], f"{path}:{i}")
         rows.append(row)
     if not rows:
         raise ClipDistillError(f"{path} holds no results; did the search find nothing? (see its search.json)")
     return rows
+
+
+def _fetchable(url: str, where: str) -> str:
+    """http(s) as it is; a local file path (a search over a folder pool) as a file:// URL; nothing
+    else: a list must not make us read this machine's files under another scheme."""
+    if url.lower().startswith(("http://", "https://")):
+        return url
+    if "://" in url:
+        raise ClipDistillError(f"{where}: {url[:80]}: only http(s) URLs and local file paths are downloaded")
+    if "::" in url:
+        raise ClipDistillError(f"{where}: {url[:80]} is a member of a tar shard (a search over shards): its images "
+                               "are on disk already; give the shards to fit-prompts as --pool (each image goes to "
+                               "its best prompt there too), or search a folder pool to download from")
+    return Path(url).resolve().as_uri()
 
 
 def download(cfg: DownloadConfig) -> dict:
@@ -110,6 +123,8 @@ def _download(cfg: DownloadConfig, out: Path) -> dict:
     _run_img2dataset(cfg, url_list, out, columns)
     summary = {"out": str(out), "results": cfg.results, "found": len(rows), **count(out),
                "seconds": round(time.time() - t0, 1)}
+    # URLs of a shard img2dataset gave up on are in neither count
+    summary["not_attempted"] = max(0, len(rows) - summary["downloaded"] - summary["failed_total"])
     summary["pool"] = shard_spec(summary["shards"])
     # not in OUT itself: img2dataset's incremental mode takes every OUT/*.json for a finished shard
     atomic.write_json(out / "counts" / "download.json", summary)
@@ -134,7 +149,10 @@ def _run_img2dataset(cfg: DownloadConfig, url_list: Path, out: Path, columns: li
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as img2dataset_download
 
-    with _stdout_to_stderr():  # img2dataset talks on stdout, which is ours (--json)
+    # its tqdm bar only on a terminal: in a log, its '\r' frames are one line of garbage; its
+    # per-shard lines stay
+    quiet = not (cfg.progress and sys.stderr.isatty())
+    with _quiet_bar(quiet), _stdout_to_stderr():  # img2dataset talks on stdout, which is ours (--json)
         img2dataset_download(
             url_list=str(url_list), input_format="jsonl", url_col="url", caption_col="caption",
             save_additional_columns=columns or None, output_format="webdataset", output_folder=str(out),
@@ -142,6 +160,22 @@ def _run_img2dataset(cfg: DownloadConfig, url_list: Path, out: Path, columns: li
             processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout, retries=cfg.retries,
             number_sample_per_shard=cfg.shard_size, incremental_mode="incremental", distributor="multiprocessing",
             enable_wandb=False, extract_exif=False, compute_hash="sha256")
+
+
+@contextlib.contextmanager
+def _quiet_bar(quiet: bool):
+    """img2dataset's one bar (its distributor's, in this process) switched off for the block."""
+    import functools
+
+    from img2dataset import distributor
+
+    bar = distributor.tqdm
+    if quiet:
+        distributor.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        distributor.tqdm = bar
 
 
 @contextlib.contextmanager
@@ -204,12 +238,13 @@ def count(out: Path) -> dict:
 
 
 def shard_spec(shards: list[str]) -> str:
-    """The brace pattern the pool reader takes for img2dataset's consecutive shard names."""
-    if not shards:
-        return ""
-    if len(shards) == 1:
-        return shards[0]
+    """What --pool takes for them: a brace pattern for consecutive numbers, else a comma list (a
+    shard img2dataset gave up on leaves a gap that a pattern would name)."""
+    if len(shards) <= 1:
+        return shards[0] if shards else ""
     first, last = Path(shards[0]), Path(shards[-1])
+    if [int(Path(p).stem) for p in shards] != list(range(int(first.stem), int(last.stem) + 1)):
+        return ",".join(shards)
     return str(first.parent / f"{{{first.stem}..{last.stem}}}.tar")
 
 
@@ -219,6 +254,9 @@ def text(res: dict, cfg: DownloadConfig) -> str:
              "bytes as an earlier one, embedded once)",
              f"failed {res['failed_total']}" + (": " + ", ".join(f"{v} {k}" for k, v in res["failed"].items())
                                                 if res["failed"] else "")]
+    if res.get("not_attempted"):
+        lines.append(f"not attempted {res['not_attempted']}: a shard img2dataset gave up on (run the same command "
+                     "again to try it)")
     if res["shards"]:
         lines.append(f"wrote {len(res['shards'])} shard(s): {res['pool']} ({res['seconds']} s)")
         lines.append(f"next: clipdistill fit-prompts --prompts PROMPTS --pool '{res['pool']}' --out runs/fit")

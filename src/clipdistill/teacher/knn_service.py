@@ -65,11 +65,16 @@ def _results(payload: bytes, url: str) -> list[dict]:
                                f"check --index (the names it serves) and the filters")
     if not isinstance(data, list):
         raise _Retry(f"a JSON {type(data).__name__}, not a list of results")
-    out = []
+    out, refused = [], 0
     for item in data:
         if isinstance(item, dict) and isinstance(item.get("url"), str) and item["url"]:
+            if not item["url"].lower().startswith(("http://", "https://")):
+                refused += 1  # a service must not point us at this machine's files (file://, ...)
+                continue
             out.append({"url": item["url"], "caption": str(item.get("caption") or ""),
                         "similarity": float(item.get("similarity") or 0.0), "id": item.get("id")})
+    if refused:
+        log.warning("--service %s: %d result(s) with a URL that is not http(s) left out", url, refused)
     return out
 
 
