@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=300)
     ap.add_argument("--images", type=int, default=3000, help="pool size (make-pool --images)")
     ap.add_argument("--work", default="/tmp/clipdistill-words-to-model")
+    ap.add_argument("--name", default="words_to_model", help="writes benchmarks/NAME.{md,json}")
     ap.add_argument("--cache-dir", default=os.environ.get("CLIPDISTILL_CACHE", str(Path.home() / ".cache/clipdistill")))
     args = ap.parse_args()
     work = Path(args.work)
@@ -113,13 +114,15 @@ def main() -> None:
         "Per pool seed, two models from the same example pool (`make-pool --seed S`), scored on its labelled eval "
         "folder: `fit-prompts --pool` on the whole pool, and the words-only road (`serve-knn` over the pool on "
         "127.0.0.1 -> `search --service` -> `download` -> `fit-prompts` on the shards), each with "
-        f"`--epochs {args.epochs}`. Accuracy in %; the difference is words - pool.", "",
+        f"`--epochs {args.epochs}`" + (" (0: fit-prompts' default, epochs for about 4,000 optimizer steps whatever "
+                                      "the pool's size)" if args.epochs == 0 else "") +
+        ". Accuracy in %; the difference is words - pool.", "",
         table(rows, cols), "",
         f"Mean difference over {len(rows)} seed(s): {mean:+.2f} points. LAION's public service was not reached "
         "from here (no internet): the service is `clipdistill serve-knn`, the same protocol."])
     print(text)
-    (HERE / "words_to_model.md").write_text(text + "\n")
-    (HERE / "words_to_model.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (HERE / f"{args.name}.md").write_text(text + "\n")
+    (HERE / f"{args.name}.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,12 @@ def test_export_writes_a_bundle_with_every_runtime_and_a_manifest(bundle, export
         assert p.stat().st_mode & 0o777 == (0o755 if p.is_dir() else 0o644), p
     readme = (bundle / "README.md").read_text()
     assert "have not been run on the machines" in readme and "--input_blob=input_0" in readme
-    assert "| OpenCV DNN (cv2.dnn.readNetFromONNX) | `student.int8.onnx` | — | OpenCV DNN cannot load it" in readme
+    # ONNX Runtime's INT8 file is not for OpenCV, and the README says why: OpenCV 5 refuses it
+    # (`bufidx >= 0`); 4.14 loads it and runs it far from ONNX Runtime
+    said = "not for OpenCV DNN: ONNX Runtime's CPU INT8 form"
+    row = next(ln for ln in readme.splitlines() if ln.startswith("| OpenCV DNN (cv2.dnn.readNetFromONNX) | "
+                                                                  "`student.int8.onnx` |"))
+    assert said in row, row
 
 
 def test_every_check_passes_on_every_file(checked):
@@ -168,7 +173,11 @@ def test_opencv_loads_fp32_agrees_and_refuses_ort_int8(bundle, test_images):
     print(f"\nopencv: {json.dumps(r)}")
     assert r["blob_max_abs_diff"] <= 1e-5
     assert r["files"]["student.onnx"]["loads"] and r["files"]["student.onnx"]["max_abs_diff"] <= 1e-4
-    assert not r["files"]["student.int8.onnx"]["loads"] and not r["files"]["student.int8.onnx"]["listed_as_loading"]
+    # ONNX Runtime's CPU INT8 form is never offered to OpenCV: 5 refuses it; 4 loads it and runs it far
+    # from ONNX Runtime (69.9% top-1 agreement with 4.14 on these images)
+    q = r["files"]["student.int8.onnx"]
+    assert q["not_for_opencv"] and not q["listed_as_loading"]
+    assert not q["loads"] or q["top1_agreement"] < 0.95, q
 
 
 def test_timm_folder_is_described_as_ours(bundle):

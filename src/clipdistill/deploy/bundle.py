@@ -218,26 +218,56 @@ parsers and by emulating their preprocessing (`clipdistill check-bundle`), not b
 
 # ------------------------------------------------------------------------------ checking
 
+# one interpreter lints every file: polygraphy's own CLI entry, called once per file (its import
+# is most of a lint's cost)
+_LINT_ALL = """import json, sys
+from polygraphy.tools import main
+pairs = json.loads(sys.argv[1])
+codes = []
+for model, report in pairs:
+    try:
+        codes.append(main(["check", "lint", model, "-o", report]))
+    except SystemExit as e:
+        codes.append(e.code if isinstance(e.code, int) else 1)
+print(json.dumps(codes))
+"""
+
+
 def polygraphy_lint(path: Path, folder: Path) -> Optional[str]:
     """None when `polygraphy check lint` passes on the file; the problem otherwise; raises
     FileNotFoundError when polygraphy is not installed."""
-    exe = Path(sys.executable).with_name("polygraphy")
-    if not exe.is_file():
-        found = shutil.which("polygraphy")
-        if not found:
-            raise FileNotFoundError("polygraphy")
-        exe = Path(found)
+    return polygraphy_lint_all([path])[str(path)]
+
+
+def polygraphy_lint_all(paths: list[Path]) -> dict[str, Optional[str]]:
+    """`polygraphy check lint` of each file, in one process ({path: None when it passes, else the
+    problem}); raises FileNotFoundError when polygraphy is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("polygraphy") is None:
+        raise FileNotFoundError("polygraphy")
+    out: dict[str, Optional[str]] = {}
     with atomic.temporary_folder(Path(os.environ.get("TMPDIR", "/tmp")), "lint") as tmp:
-        report = tmp / "report.json"
-        proc = subprocess.run([str(exe), "check", "lint", str(path), "-o", str(report)], capture_output=True,
-                              text=True, timeout=600)
-        if not report.is_file():
+        pairs = [(str(p), str(tmp / f"report-{i}.json")) for i, p in enumerate(paths)]
+        proc = subprocess.run([sys.executable, "-c", _LINT_ALL, json.dumps(pairs)], capture_output=True, text=True,
+                              timeout=600 + 120 * len(paths))
+        try:
+            codes = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            return f"polygraphy check lint exited {proc.returncode} without a report: {tail[0][:300]}"
-        rep = json.loads(report.read_text())
+            return {m: f"polygraphy check lint exited {proc.returncode}: {tail[0][:300]}" for m, _ in pairs}
+        for (model, report), code in zip(pairs, codes):
+            out[model] = _lint_problem(Path(report), code)
+    return out
+
+
+def _lint_problem(report: Path, code: int) -> Optional[str]:
+    if not report.is_file():
+        return f"polygraphy check lint exited {code} without a report"
+    rep = json.loads(report.read_text())
     failing = rep.get("summary", {}).get("failing") or []
     errors = [e for e in rep.get("lint_entries", []) if e.get("level") in ("exception", "error")]
-    if proc.returncode != 0 or failing or errors:
+    if code != 0 or failing or errors:
         msg = "; ".join(f"{e.get('source')}: {e.get('message', '').strip()} ({', '.join(e.get('nodes') or [])})"
                         for e in errors[:3])
         return f"polygraphy check lint: {len(failing)} failing nodes{': ' + msg if msg else ''}"
@@ -270,15 +300,20 @@ def check_bundle(folder: str | Path, images: Optional[np.ndarray] = None) -> dic
         if d.stat().st_mode & 0o777 != 0o755:
             files.setdefault(d.relative_to(folder).as_posix() + "/", []).append(
                 f"folder mode {d.stat().st_mode & 0o777:o}, not 755")
-    for rel in sorted(r for r in man["files"] if r.endswith(".onnx")):
-        try:
-            problem = polygraphy_lint(folder / rel, folder)
-        except FileNotFoundError:
+    onnx = sorted(r for r in man["files"] if r.endswith(".onnx") and r in now)
+    first: dict[str, str] = {}  # a file copied for several runtimes is linted once
+    for rel in onnx:
+        first.setdefault(now[rel]["sha256"], rel)
+    try:
+        linted = polygraphy_lint_all([folder / rel for rel in first.values()])
+    except FileNotFoundError:
+        linted = None
+    for rel in onnx:
+        if linted is None:
             files[rel].append("skipped: polygraphy is not installed (pip install polygraphy onnx_graphsurgeon), so "
                               "the file was not linted")
-            continue
-        if problem:
-            files[rel].append(problem)
+        elif linted[str(folder / first[now[rel]["sha256"]])]:
+            files[rel].append(linted[str(folder / first[now[rel]["sha256"]])])
     ctx = _context(folder, man["models"], int(man["batch"]))
     targets = {}
     for name in man["targets"]:
