@@ -45,3 +45,19 @@ def per_class_accuracy(pred, labels, classes: Sequence[str]) -> dict[str, Option
         m = y == c
         out[name] = float((p[m] == c).mean() * 100) if m.any() else None
     return out
+
+
+def otsu(values: np.ndarray, bins: int = 256) -> float:
+    """The cut that best splits `values` into two groups (max between-class variance)."""
+    v = np.asarray(values, dtype=np.float64)
+    hist, edges = np.histogram(v, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
+    # Every cut inside an empty gap between the groups splits them alike: take the gap's middle.
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.metrics import otsu  # noqa: F401 (one home in core: curation uses it too)
+
 NONE_LABEL = "none of these"
 
 
@@ -26,22 +28,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def otsu(values: np.ndarray, bins: int = 256) -> float:
-    """The cut that best splits `values` into two groups (max between-class variance)."""
-    v = np.asarray(values, dtype=np.float64)
-    hist, edges = np.histogram(v, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(hist * centers)
-    mu0 = m0 / np.maximum(w0, 1)
-    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
-    # Every cut inside an empty gap between the groups splits them alike: take the gap's middle.
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)
 
 
 def calibrate_reject(student_top: np.ndarray, teacher_match: np.ndarray) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 from ..core import atomic
 from ..core.config import check, option
 from ..core.errors import ConfigError
-from ..deploy.reject import otsu
+from ..core.metrics import otsu
 
 log = logging.getLogger(__name__)
 
