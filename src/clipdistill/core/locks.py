@@ -88,3 +88,14 @@ def exclusive(lock_path: str | os.PathLike, wait: bool = True, busy_message: str
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def owned_folder(folder: str | os.PathLike, verb: str, flag: str = "--out") -> Iterator[Path]:
+    """`folder` made if needed and held for one writer (a verb's output folder): a second `verb`
+    on it is refused at once, naming `flag`, instead of two writers mixing their files."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out / ".lock", wait=False, busy_message=f"another {verb} is writing {out}; wait for it to "
+                                                              f"finish, or give another {flag}"):
+        yield out

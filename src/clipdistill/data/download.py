@@ -101,11 +101,9 @@ def _fetchable(url: str, where: str) -> str:
 
 
 def download(cfg: DownloadConfig) -> dict:
-    from ..core.locks import exclusive
+    from ..core.locks import owned_folder
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out / ".lock", wait=False, busy_message=f"another download is writing {out}"):
+    with owned_folder(cfg.out, "download") as out:
         return _download(cfg, out)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core import atomic
 from ..core.config import check, option
-from ..core.locks import exclusive
+from ..core.locks import owned_folder
 from . import shapes10
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,7 @@ def make_pool(cfg: PoolConfig) -> dict:
     """Write the example (replacing an earlier one in the same folder) and say what is where.
     The truth about every pool file (its class) goes to DIR/truth.json, for diagnostics only:
     nothing in fit-prompts reads it. Refused (LockedError) while another make-pool writes DIR."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out / ".lock", wait=False,
-                   busy_message=f"another make-pool is writing {out}; wait for it to finish, or give another --out"):
+    with owned_folder(cfg.out, "make-pool") as out:
         return _make_pool(cfg, out)
 
 

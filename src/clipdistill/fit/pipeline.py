@@ -32,7 +32,7 @@ import numpy as np
 
 from ..core import atomic
 from ..core.config import runtime_fields, to_dict
-from ..core.locks import exclusive
+from ..core.locks import owned_folder
 from .config import FitConfig
 from .quality import FORMAT as QUALITY_FORMAT
 from .report import report
@@ -136,9 +136,7 @@ def _student_size(cfg: FitConfig, teacher) -> int:
 
 
 def fit_prompts(cfg: FitConfig) -> dict:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out / ".lock", wait=False, busy_message=f"another fit-prompts is writing {out}"):
+    with owned_folder(cfg.out, "fit-prompts") as out:
         return _fit(cfg, out)
 
 

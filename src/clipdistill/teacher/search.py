@@ -100,11 +100,9 @@ class SearchConfig(TeacherOptions):
 
 
 def search(cfg: SearchConfig) -> dict:
-    from ..core.locks import exclusive
+    from ..core.locks import owned_folder
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out / ".lock", wait=False, busy_message=f"another search is writing {out}"):
+    with owned_folder(cfg.out, "search") as out:
         return _search(cfg, out)
 
 
