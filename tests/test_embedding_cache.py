@@ -224,3 +224,44 @@ def test_two_fillers_of_one_cache_take_turns(tmp_path, data_root, random_teacher
     run_cli("embed", *args[args.index("--pretrained"):-1], str(tmp_path / "single"))
     found = [next((tmp_path / d).glob("embeddings/*/*/test/embeddings.npy")) for d in ("shared", "single")]
     assert np.array_equal(np.load(found[0]), np.load(found[1]))
+
+
+def test_a_folder_edited_in_place_is_embedded_again_not_refused(tmp_path, random_teacher_file, caplog):
+    """A user who adds photos to their --eval folder (or makes it again at the same path) gets
+    the new images embedded, with a warning saying why; it used to be refused with 'delete that
+    folder' on every later command, and before that, nothing may reuse the old rows."""
+    root = tmp_path / "eval"
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    cfg = EmbedConfig(dataset="folder", data_root=str(root), split="train", pretrained=str(random_teacher_file),
+                      cache_dir=str(tmp_path / "cache"), progress=False, embed_batch_size=4, workers=0)
+    first = embed(cfg)
+    assert first.count == 6
+    old_rows = np.asarray(first.embeddings).copy()
+    # the same folder, new content: a photo replaced, one added
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "cats" / "0.png")
+    os.utime(root / "cats" / "0.png", (time.time() + 5, time.time() + 5))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "dogs" / "3.png")
+
+    from clipdistill.data.datasets import create_dataset
+    from clipdistill.data.store import CacheStaleError
+
+    ds = create_dataset("folder", "train", str(root))
+    with pytest.raises(CacheStaleError, match="out of date.*listing_sha1.*rebuilt"):
+        EmbeddingCache.load(first.path, first.manifest["teacher"], ds.fingerprint(), len(ds), first.dim)
+    with caplog.at_level("WARNING", logger="clipdistill"):
+        again = embed(cfg)
+    assert any("out of date" in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    assert again.path == first.path and again.complete and again.count == 7
+    assert again.manifest["dataset"] == ds.fingerprint()
+    # every row is the edited folder's, as a cache made from scratch has it; the replaced photo's changed
+    fresh = embed(EmbedConfig(**{**cfg.__dict__, "cache_dir": str(tmp_path / "fresh")}))
+    np.testing.assert_array_equal(np.asarray(again.embeddings), np.asarray(fresh.embeddings))
+    assert not np.array_equal(np.asarray(again.embeddings[0]), old_rows[0])
+    # another teacher is still someone else's cache, refused as before
+    with pytest.raises(CacheMismatchError):
+        EmbeddingCache.open(first.path, {**first.manifest["teacher"], "model": "other"}, ds.fingerprint(), 7,
+                            first.dim)

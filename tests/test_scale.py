@@ -303,3 +303,23 @@ def test_a_rank_0_failure_while_preparing_stops_every_rank_with_its_message(tmp_
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode != 0 and time.time() - t0 < 60
     assert "weights.safetensors" in proc.stderr
+
+
+def test_a_folder_edited_in_place_gets_its_pixel_store_rebuilt(photo_folder, tmp_path, caplog):
+    """Same folder, same path, other photos: the store is out of date, rebuilt with a warning
+    (it was refused with 'delete that folder', stopping fit-prompts after the user edited --eval)."""
+    from clipdistill.data.datasets import create_dataset
+    from clipdistill.data.pixel_store import fill_pixel_store
+
+    cache = tmp_path / "cache"
+    first = fill_pixel_store(create_dataset("folder", "train", str(photo_folder)), cache, 24, workers=0)
+    assert first.count == 20
+    Image.fromarray(np.full((30, 30, 3), 7, np.uint8)).save(photo_folder / "dogs" / "new.png")
+    ds = create_dataset("folder", "train", str(photo_folder))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clipdistill"):
+        again = fill_pixel_store(ds, cache, 24, workers=0)
+    assert any("out of date" in r.getMessage() for r in caplog.records)
+    assert again.path == first.path and again.count == 21
+    np.testing.assert_array_equal(np.asarray(again.reader()), _in_memory(create_dataset("folder", "train",
+                                                                                        str(photo_folder)), 24))

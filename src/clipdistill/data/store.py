@@ -44,6 +44,19 @@ class CacheDamagedError(ClipDistillError):
     """A store's files disagree with its manifest, or its rows fail their check."""
 
 
+class CacheStaleError(CacheDamagedError):
+    """The same images by name (dataset, folder, split) whose content changed since they were
+    stored: a user who edits their --eval folder or regenerates it in place. Handled as a damaged
+    store is: a writer rebuilds it (saying so), a reader refuses it with the rebuild command. It
+    used to be a mismatch, refused everywhere with 'delete that folder': hand work for a change
+    that only means the cache is out of date."""
+
+
+# Keys of a dataset fingerprint that say what the images are now, not which images they are;
+# a store whose dataset differs in these alone is out of date, not someone else's.
+CONTENT_KEYS = frozenset({"n", "listing_sha1", "content_sha1"})
+
+
 def unwritable(e: OSError, ready: Optional["ArrayStore"], what: str, path) -> "ArrayStore":
     """A store that had to be written met a folder it cannot write (read-only, not ours): it is
     served as it is when `ready` (complete but for reads to try again), else refused naming the
@@ -70,6 +83,20 @@ def warn_skipped(logger: logging.Logger, errors) -> None:
 def _diff(old: dict, new: dict) -> str:
     keys = sorted(set(old) | set(new))
     return "; ".join(f"{k}: cached {old.get(k)!r} vs now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def _only_content_changed(manifest: dict, owner: dict, shape: Optional[dict]) -> bool:
+    """True when the stored owner differs from `owner` in the dataset's content keys alone (the
+    count of rows may follow the content)."""
+    old, new = manifest.get("dataset"), owner.get("dataset")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return False
+    if any(k != "dataset" and want is not None and manifest.get(k) != want for k, want in owner.items()):
+        return False
+    changed = {k for k in set(old) | set(new) if old.get(k) != new.get(k)}
+    if not changed or not changed <= CONTENT_KEYS:
+        return False
+    return shape is None or all(manifest.get(k) == v for k, v in shape.items() if k != "count")
 
 
 def open_array(path: Path, dtype, shape: tuple, mode: str) -> np.ndarray:
@@ -179,6 +206,9 @@ class ArrayStore:
         if shape is not None and any(manifest.get(k) != v for k, v in shape.items()):
             problems.append(f"shape differs: cached {'x'.join(str(manifest.get(k)) for k in shape)}, now "
                             f"{'x'.join(str(v) for v in shape.values())}")
+        if problems and _only_content_changed(manifest, owner, shape):
+            change = _diff(manifest["dataset"], owner["dataset"])
+            raise CacheStaleError(f"its images changed since they were stored ({change})")
         if problems:
             raise CacheMismatchError(
                 f"the {cls.kind} {path} was made by {cls.owner_words}: {'; '.join(problems)}. "
@@ -195,6 +225,8 @@ class ArrayStore:
                 manifest = cls._read_manifest(path)
                 cls._check_owner(path, manifest, owner, shape)
                 return cls(path, manifest, "r+")
+            except CacheStaleError as e:
+                log.warning("the %s %s is out of date: %s; rebuilding it", cls.kind, path, e)
             except CacheDamagedError as e:
                 log.warning("the %s %s is damaged (%s); rebuilding it", cls.kind, path, e)
         return cls._create(path, owner, shape, extra or {})
@@ -228,7 +260,8 @@ class ArrayStore:
                                            f"{manifest.get('count')}); run {cls.fill_command} again to finish it")
             return cls(path, manifest, "r")
         except CacheDamagedError as e:
-            raise CacheDamagedError(f"the {cls.kind} {path} is damaged: {e}. Run the same command with write "
+            state = "out of date" if isinstance(e, CacheStaleError) else "damaged"
+            raise type(e)(f"the {cls.kind} {path} is {state}: {e}. Run the same command with write "
                                     f"access to it (it is rebuilt), or {cls.rebuild_command}") from None
 
     # ------------------------------------------------------------------ state
