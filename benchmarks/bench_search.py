@@ -39,15 +39,26 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make(path: Path, rows: int, dim: int) -> None:
-    """Synthetic embeddings (clustered, so prompts compete for rows) as a float16 .npy, written in blocks."""
+def centres(dim: int) -> np.ndarray:
+    """The clusters' centres `blocks` draws the rows around."""
+    return np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
+
+
+def blocks(rows: int, dim: int, block: int = 65536):
+    """Synthetic embeddings (clustered, so prompts compete for rows), as (start, float32 rows) blocks."""
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((64, dim)).astype(np.float32)
+    c = rng.standard_normal((64, dim)).astype(np.float32)  # = centres(dim)
+    for a in range(0, rows, block):
+        b = min(rows, a + block)
+        pick = rng.integers(0, len(c), b - a)
+        yield a, c[pick] + 2.0 * rng.standard_normal((b - a, dim)).astype(np.float32)
+
+
+def make(path: Path, rows: int, dim: int) -> None:
+    """`blocks` as a float16 .npy, written a block at a time."""
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, dim))
-    for a in range(0, rows, 65536):
-        b = min(rows, a + 65536)
-        pick = rng.integers(0, len(centres), b - a)
-        arr[a:b] = centres[pick] + 2.0 * rng.standard_normal((b - a, dim)).astype(np.float32)
+    for a, block in blocks(rows, dim):
+        arr[a:a + len(block)] = block
     arr.flush()
     del arr
 

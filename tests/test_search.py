@@ -4,9 +4,11 @@ the protocol from the same pool's embeddings and serves its images (some URLs fa
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import re
+import sys
 import threading
 from pathlib import Path
 
@@ -358,6 +360,21 @@ def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(serv
     shards = [Path(s) for s in res["shards"]]
     assert [s.name for s in shards] == ["00000.tar", "00001.tar"] and res["not_attempted"] == 0
     assert res["pool"] == str(found / "shards" / "{00000..00001}.tar")
+    # what to run next names the search's prompts file (from its search.json), PROMPTS when none says it
+    import shlex
+
+    from clipdistill.data.download import search_prompts
+    from clipdistill.data.download import text as download_text
+
+    assert json.loads((found / "search.json").read_text())["prompts"] == res["prompts"] == str(pool / "classes.txt")
+    assert download_text(res, None).splitlines()[-1] == (f"next: clipdistill fit-prompts --prompts "
+                                                         f"{shlex.quote(res['prompts'])} --pool '{res['pool']}' "
+                                                         f"--out runs/fit")
+    old = tmp_path / "old-search"
+    old.mkdir()
+    (old / "search.json").write_text(json.dumps({"results": 1}))  # a search folder from before the field
+    assert search_prompts(old / "results.jsonl") is None and search_prompts(tmp_path / "results.jsonl") is None
+    assert "--prompts PROMPTS --pool" in download_text({**res, "prompts": None}, None)
     # what img2dataset wrote beside each image: its caption and our columns
     import tarfile
 
@@ -494,3 +511,66 @@ def test_serve_knn_binds_first_and_says_retry_until_the_pool_is_in(local, tmp_pa
         srv.shutdown()
         srv.server_close()
 
+
+# ---------------------------------------------------------------------------------------- --approximate
+
+def test_approximate_pool_search_builds_its_index_once_and_says_so(local, pool, random_teacher_file, cache_dir,
+                                                                      tmp_path, capsys):
+    """`search --pool --approximate` on the embedded pool: the usearch index is built beside the
+    embedding cache by the first search and reused by the next; the results are exact search's
+    (a graph of 200 rows misses nothing); the summary says it was approximate. (Recall on a larger
+    pool, rebuilds, unreadable rows: tests/test_ann.py.)"""
+    if importlib.util.find_spec("usearch") is None:  # found, not imported: it must stay out of this process
+        pytest.skip("usearch is not installed (pip install 'clipdistill[ann]')")
+    from clipdistill.cli import main
+
+    base = ["search", *_args(pool, random_teacher_file, cache_dir), "--pool", str(pool / "pool"), "--per-class",
+            str(PER_CLASS), "--sheet-images", "0", "--approximate"]
+    summaries = []
+    for run in ("a", "b"):
+        capsys.readouterr()
+        assert main([*base, "--out", str(tmp_path / run)]) == 0
+        assert "approximate search: the usearch HNSW index" in capsys.readouterr().out
+        summaries.append(json.loads((tmp_path / run / "search.json").read_text()))
+    first, second = (s["approximate"] for s in summaries)
+    index = Path(first["index"])
+    assert index.parent == local["cache"].path and index.is_file()
+    assert first["rows"] == len(local["cache"].valid_indices())
+    assert second["index"] == first["index"] and second["built_seconds"] is None  # reused, not built again
+    exact = [json.loads(x) for x in (local["out"] / "results.jsonl").read_text().splitlines()]
+    approx = [json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert [(r["class"], r["row"]) for r in approx] == [(r["class"], r["row"]) for r in exact]
+    np.testing.assert_allclose([r["similarity"] for r in approx], [r["similarity"] for r in exact], atol=1e-5)
+    assert json.loads((local["out"] / "search.json").read_text())["approximate"] is None
+    assert "usearch" not in sys.modules  # the worker process ran it (with torch here, it would make torch spin)
+
+
+def test_approximate_is_refused_with_a_service_and_names_the_extra_when_missing(pool, random_teacher_file,
+                                                                                 cache_dir, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from clipdistill.cli import main
+    from clipdistill.core.errors import ConfigError
+    from clipdistill.teacher import ann
+    from clipdistill.teacher.search import SearchConfig
+
+    with pytest.raises(ConfigError, match="--approximate"):
+        SearchConfig(prompts=str(pool / "classes.txt"), service="http://127.0.0.1:1/knn-service", index="x",
+                     approximate=True)
+    for name in ("usearch", "usearch.index"):  # as if it were not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    capsys.readouterr()
+    rc = main(["search", *_args(pool, random_teacher_file, cache_dir), "--pool", str(pool / "pool"), "--approximate",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "clipdistill[ann]" in err[0] and "usearch" in err[0], err
+    assert not (tmp_path / "out").exists()  # refused before the pool was embedded or anything written
+    # found here but not importable in the worker (a broken install): the same one line, from its answer
+    monkeypatch.undo()
+    without = ("import sys\nsys.modules['usearch'] = sys.modules['usearch.index'] = None\n"
+               "from clipdistill.teacher.ann_worker import main\nsys.exit(main(sys.argv[1:]))")
+    monkeypatch.setattr(ann, "COMMAND", [sys.executable, "-c", without])
+    capsys.readouterr()
+    rc = main(["search", *_args(pool, random_teacher_file, cache_dir), "--pool", str(pool / "pool"), "--approximate",
+               "--sheet-images", "0", "--out", str(tmp_path / "broken")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc != 0 and "pip install 'clipdistill[ann]'" in last and "usearch" in last, last

@@ -21,6 +21,7 @@ EXTRAS: dict[str, dict[str, str]] = {
               "onnxscript": "onnxscript", "matplotlib": "matplotlib", "webdataset": "webdataset"},
     "compress": {"modelopt": "nvidia-modelopt", "requests": "requests"},
     "download": {"img2dataset": "img2dataset", "pyarrow": "pyarrow"},
+    "ann": {"usearch": "usearch"},
 }
 # said after the install command
 HINTS = {"device": " (on a Jetson: the onnxruntime-gpu wheel for your JetPack, from the Jetson Zoo, instead)"}

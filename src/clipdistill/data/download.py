@@ -23,10 +23,12 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from ..core import atomic
 from ..core.config import at_least, check, check_fields, option
@@ -86,6 +88,19 @@ def read_results(path: str | Path) -> list[dict]:
     return rows
 
 
+def search_prompts(results: str | Path) -> Optional[str]:
+    """The prompts file of the search that wrote `results` (its search.json, beside it), for the
+    fit-prompts command `text` says next; None when there is none to read (another tool's list, a
+    search folder older than the field)."""
+    path = Path(results).parent / "search.json"
+    try:
+        prompts = atomic.read_json(path).get("prompts") if path.is_file() else None
+    except (ClipDistillError, AttributeError, OSError) as e:  # unreadable, or not an object
+        log.debug("%s does not say the prompts file (%s)", path, e)
+        return None
+    return prompts if isinstance(prompts, str) and prompts else None
+
+
 def _fetchable(url: str, where: str) -> str:
     """http(s) as it is; a local file path (a search over a folder pool) as a file:// URL; nothing
     else: a list must not make us read this machine's files under another scheme."""
@@ -124,6 +139,7 @@ def _download(cfg: DownloadConfig, out: Path) -> dict:
     # URLs of a shard img2dataset gave up on are in neither count
     summary["not_attempted"] = max(0, len(rows) - summary["downloaded"] - summary["failed_total"])
     summary["pool"] = shard_spec(summary["shards"])
+    summary["prompts"] = search_prompts(cfg.results)
     # not in OUT itself: img2dataset's incremental mode takes every OUT/*.json for a finished shard
     atomic.write_json(out / "counts" / "download.json", summary)
     return summary
@@ -257,7 +273,8 @@ def text(res: dict, cfg: DownloadConfig) -> str:
                      "again to try it)")
     if res["shards"]:
         lines.append(f"wrote {len(res['shards'])} shard(s): {res['pool']} ({res['seconds']} s)")
-        lines.append(f"next: clipdistill fit-prompts --prompts PROMPTS --pool '{res['pool']}' --out runs/fit")
+        prompts = shlex.quote(res["prompts"]) if res.get("prompts") else "PROMPTS"  # PROMPTS: no search.json
+        lines.append(f"next: clipdistill fit-prompts --prompts {prompts} --pool '{res['pool']}' --out runs/fit")
     else:
         lines.append("no shard was written: every download failed (look at the reasons above)")
     return "\n".join(lines)

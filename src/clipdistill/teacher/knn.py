@@ -15,10 +15,9 @@ short and scans again until that holds.
 
 When exact search is too slow: the scan is one pass over the array (N x D x 2 bytes: 1 GB for a
 million ViT-B-32 embeddings), dominated by reading it and converting float16 to float32;
-benchmarks/bench_search.md measures it (seconds at 1M rows on two cores, flat memory). Past about
-ten million rows, or with many prompts asked interactively, an approximate index (FAISS IVF-PQ
-or usearch HNSW, built once from the cache) would answer in milliseconds at a small recall
-cost; it is not built here."""
+benchmarks/bench_search.md measures it (seconds at 1M rows on two cores, flat memory). ann.py
+(`search --approximate`) builds a usearch HNSW index from the cache once and asks it instead, with
+the same assignment (`widen`); benchmarks/bench_ann.md says where that pays off."""
 
 from __future__ import annotations
 
@@ -109,20 +108,29 @@ class Found:
     passes: int  # scans of the array it took (one unless prompts competed for the same rows)
 
 
+def widen(ask, prompts: int, n: int, total: int) -> Found:
+    """Top-`n` per prompt, each row given to one prompt (`one_per_image`), from candidate lists
+    that `ask(prompt_indices, k)` gives (per prompt, up to its k best (similarities, rows), best
+    first): a prompt left short while it was asked for fewer than `total` (the rows there are)
+    is asked again for twice as many. Exact when `ask` is (module docstring); ann.py asks a graph."""
+    k = min(total, n * min(prompts, 4))  # room for the refills of a few competing prompts
+    cands = ask(list(range(prompts)), k)
+    asked = [k] * prompts
+    passes = 1
+    while True:
+        picked = one_per_image(cands, n)
+        short = [p for p, (s, _) in enumerate(picked) if len(s) < n and asked[p] < total]
+        if not short:
+            return Found([r for _, r in picked], [s for s, _ in picked], passes)
+        k = min(total, 2 * k)
+        for p, c in zip(short, ask(short, k)):
+            cands[p], asked[p] = c, k
+        passes += 1
+
+
 def search(embeddings: np.ndarray, text: np.ndarray, n: int, valid=None, chunk_rows: int = CHUNK_ROWS,
            progress: bool = False) -> Found:
     """Exact top-`n` rows per prompt, each row given to one prompt (module docstring)."""
     total = int((np.asarray(valid) == KEPT).sum()) if valid is not None else len(embeddings)
-    k = min(total, n * min(len(text), 4))  # room for the refills of a few competing prompts
-    cands = top_per_prompt(embeddings, text, k, valid, chunk_rows, progress)
-    passes = 1
-    while True:
-        picked = one_per_image(cands, n)
-        short = [p for p, (s, _) in enumerate(picked) if len(s) < n and len(cands[p][0]) < total]
-        if not short:
-            return Found([r for _, r in picked], [s for s, _ in picked], passes)
-        k = min(total, 2 * k)
-        wider = top_per_prompt(embeddings, text[short], k, valid, chunk_rows, progress)
-        for p, c in zip(short, wider):
-            cands[p] = c
-        passes += 1
+    return widen(lambda ps, k: top_per_prompt(embeddings, text[ps], k, valid, chunk_rows, progress), len(text), n,
+                 total)

@@ -1,6 +1,7 @@
 """`clipdistill search`: images for your prompts, before any training — from a pool you have
-embedded (`--pool`: exact top-N by cosine over the embedding cache) or from a clip-retrieval knn
-service (`--service URL --index NAME`, as NVIDIA-AI-IOT/clip-distillation searches LAION).
+embedded (`--pool`: exact top-N by cosine over the embedding cache, or with `--approximate` from
+a usearch HNSW index built once from it: teacher/ann.py) or from a clip-retrieval knn service
+(`--service URL --index NAME`, as NVIDIA-AI-IOT/clip-distillation searches LAION).
 
 Writes into OUT:
 - `results.jsonl`: one line per result — `url` (a URL, or a pool file's path), `caption`,
@@ -10,7 +11,7 @@ Writes into OUT:
 - `results.parquet`, the same, when pyarrow is installed;
 - `sheets/PROMPT.png`: the top results of each prompt with their similarity, to look at before
   downloading or training (a service's images are fetched for it; those that fail say why);
-- `search.json`: the counts and where everything is.
+- `search.json`: the counts, the prompts file and where everything is.
 
 Every image goes to one prompt only, the one it matches best (search_sources.py)."""
 
@@ -65,6 +66,11 @@ class SearchConfig(TeacherOptions):
     sheet_images: int = option(24, "images per prompt on its contact sheet (0 = no sheets)", valid=at_least(0))
     fetch_timeout: float = option(10.0, "--service: seconds to fetch one image for the sheets", runtime=True,
                                   valid=at_least(0.1))
+    approximate: bool = option(False, "--pool: ask a usearch HNSW index of the embedding cache (built once by "
+                                      "the first such search, kept beside the cache; needs clipdistill[ann]) "
+                                      "instead of scanning the cache: a fraction of a second per search instead of "
+                                      "about 6 s per million images, after a build that costs hundreds of scans, "
+                                      "and a few of the exact top may be missed (benchmarks/bench_ann.md)")
     chunk_rows: int = option(16384, "--pool: rows of the embedding cache scored at a time (memory: rows x dim x 4 "
                                     "bytes)", runtime=True, valid=at_least(1))
     progress: bool = option(True, "show progress bars", runtime=True)
@@ -88,9 +94,15 @@ class SearchConfig(TeacherOptions):
             check(self.service.startswith(("http://", "https://")), "service",
                   f"{self.service!r} is not an http(s) URL; give the knn endpoint, e.g. https://HOST/knn-service")
             check(bool(self.index), "index", "give the index the service serves (--index laion5B-L-14 on LAION's)")
+            check(not self.approximate, "approximate", "--approximate asks an index built from a --pool's embedding "
+                  "cache; a --service searches its own index (drop --approximate)")
         check(self.aesthetic_score is None or 0 <= self.aesthetic_score <= 9, "aesthetic_score", "must be 0..9")
         check(0.0 <= self.aesthetic_weight <= 1.0, "aesthetic_weight", "must be in [0, 1]")
         check_fields(self)
+        if self.approximate:
+            from .ann import require
+
+            require()  # before the pool is embedded: without usearch, one line naming the extra
         if not self.out:
             self.out = str(Path("runs") / f"search-{Path(self.prompts).stem}")
 
@@ -120,7 +132,9 @@ def _search(cfg: SearchConfig, out: Path) -> dict:
     files = write_results(out, rows)
     sheets, shown = write_sheets(source, prompts, found, out / "sheets", cfg.sheet_images)
     per = {p: len(r) for p, r in zip(prompts, found)}
-    summary = {"out": str(out), "source": source.name, "per_class": cfg.per_class, "results": len(rows),
+    # prompts: the file, so that `download` can say the fit-prompts command that follows in full
+    summary = {"out": str(out), "source": source.name, "prompts": cfg.prompts, "per_class": cfg.per_class,
+               "results": len(rows),
                "per_prompt": per, "short": [p for p, c in per.items() if c < cfg.per_class],
                **files, "sheets": [str(s) for s in sheets], "shown": shown,
                **source.counts(), "seconds": round(time.time() - t0, 2)}
@@ -181,6 +195,12 @@ def text(res: dict, cfg: SearchConfig) -> str:
     if res["source"] == "service":
         lines.append(f"requests sent: {res['requests']} ({res['answered_before']} prompt(s) answered before, from "
                      f"{res['cache']})")
+    if res.get("approximate"):
+        a = res["approximate"]
+        how = (f"built now in {a['built_seconds']:.1f} s" if a["built_seconds"] is not None
+               else "built by an earlier search")
+        lines.append(f"approximate search: the usearch HNSW index of {a['rows']} images {a['index']} ({how}); a "
+                     f"result may lack a few of the exact top (drop --approximate for the exact scan)")
     lines.append(f"wrote {res['jsonl']}" + (f" and {res['parquet']}" if res["parquet"] else
                                            " (results.parquet too when pyarrow is installed)"))
     if res["sheets"]:

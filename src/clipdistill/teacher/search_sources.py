@@ -9,7 +9,9 @@ why not.
 
 - `local` (`--pool`): a pool of folders or tar shards, embedded with the code path fit-prompts
   uses (teacher/outputs.py: the embedding cache, filled first if it is not yet, and the prompts'
-  text embeddings); the cache is the index, searched exactly (knn.py).
+  text embeddings); the cache is the index, searched exactly (knn.py), or with `--approximate`
+  through a usearch HNSW graph built once from it (ann.py: usearch runs in a worker process, never
+  in this one, which holds torch).
 - `service` (`--service URL --index NAME`): a clip-retrieval knn service (knn_service.py); it is
   asked for more candidates than `n` per prompt (`--candidates`) so that a prompt that loses an
   image to another one can take its next, and a prompt still short is asked again for twice as
@@ -56,6 +58,7 @@ class LocalSource:
         self.cfg = cfg
         self.dataset = None
         self.passes = 0
+        self.graph = None
 
     def index(self):
         """The pool's embedding cache and the prompts' text embeddings, as fit-prompts makes them."""
@@ -71,8 +74,14 @@ class LocalSource:
     def find(self, prompts: list[str], n: int) -> list[list[dict]]:
         from . import knn
 
+        cfg = self.cfg
         cache, text, _ = self.index()
-        found = knn.search(cache.embeddings, text, n, cache.valid, self.cfg.chunk_rows, self.cfg.progress)
+        if cfg.approximate:
+            from . import ann
+
+            found, self.graph = ann.search(cache, text, n, cfg.chunk_rows, cfg.progress)  # in a worker process
+        else:
+            found = knn.search(cache.embeddings, text, n, cache.valid, cfg.chunk_rows, cfg.progress)
         self.passes = found.passes
         return [[{"url": self.dataset.describe(int(r)), "caption": "", "similarity": round(float(s), 6),
                   "row": int(r)} for r, s in zip(rows, sims)]
@@ -88,7 +97,11 @@ class LocalSource:
         return out
 
     def counts(self) -> dict:
-        return {"pool_images": len(self.dataset) if self.dataset is not None else 0, "scans": self.passes}
+        g = self.graph
+        approximate = None if g is None else {"index": str(g.path), "rows": g.rows, "built_seconds": None if
+                                              g.build_seconds is None else round(g.build_seconds, 2)}
+        return {"pool_images": len(self.dataset) if self.dataset is not None else 0, "scans": self.passes,
+                "approximate": approximate}
 
 
 @SOURCES.register("service")
