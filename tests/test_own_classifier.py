@@ -155,6 +155,10 @@ def test_fit_prompts_writes_everything_and_counts(fitted, capsys):
     assert again["student"] == s["student"] and again["curation"] == s["curation"]
     assert (out / "run" / "result.json").read_text() == result
     assert (out / "run" / "metrics.jsonl").read_text() == metrics
+    # and says so: the training's time is the earlier call's, not this call's second
+    assert again["seconds"]["train"] == s["seconds"]["train"] > 0
+    assert "train" in again["done_earlier"] and "train" not in s["done_earlier"]
+    assert f"train {s['seconds']['train']:.0f} s (done by an earlier call)" in (out / "REPORT.md").read_text()
 
 
 def _markdown_rows(text: str, first_cell: str) -> dict[str, list[str]]:

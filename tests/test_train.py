@@ -86,7 +86,7 @@ def test_finished_run_is_reused_and_other_config_refused(tmp_path, cache_dir, tr
     with caplog.at_level("INFO", logger="clipdistill"):
         again = train(TrainConfig(**kw))
     msgs = [r.getMessage() for r in caplog.records]
-    assert again == first and time.time() - t0 < 5 and "already complete" in msgs[0]
+    assert again == {**first, "reused": True} and time.time() - t0 < 5 and "already complete" in msgs[0]
     with pytest.raises(ConfigError, match=r"--lr: 0\.002 in the run, 0\.001 now"):
         train(TrainConfig(**{**kw, "lr": 1e-3}))
 

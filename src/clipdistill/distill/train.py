@@ -73,14 +73,14 @@ def _train(cfg: TrainConfig, run: RunDir, teacher) -> dict:
     done = finished_result(cfg)
     if done is not None:
         log.info("%s is already complete (result.json); reusing it", run)
-        return done
+        return {**done, "reused": True}  # the caller's timings must not read this call as the training
     t0 = time.time()
     trainer = Trainer(RunContext(cfg, teacher))
     try:
         resumed = trainer.try_resume()
         if resumed and trainer.epoch >= cfg.epochs and run.result.exists():
             log.info("%s is already complete", run)
-            return run.read_result()
+            return {**run.read_result(), "reused": True}
         trainer.fit()
         # Seconds spent in epochs, summed over every resumption of the run.
         seconds = sum(h["seconds"] for h in trainer.history)

@@ -50,6 +50,7 @@ class Stages:
         self.path, self.key, self.progress = out / STATE, key, progress
         saved = atomic.read_json(self.path) if self.path.is_file() else {}
         self.done: dict = saved.get("done", {}) if _result_part(saved.get("key")) == key else {}
+        self.reused: set[str] = set()  # stages this call took from an earlier one (their seconds are that one's)
         self.t0 = time.time()
 
     def start(self, name: str, estimate: str = "") -> None:
@@ -65,11 +66,18 @@ class Stages:
         if done is not None and all(f and Path(f).exists() for f in files) and \
                 all(done.get(k) == v for k, v in (same or {}).items()):
             log.info("[%d/%d] %s: done earlier (%s)", STAGES.index(name) + 1, len(STAGES), name, self.path)
+            self.reused.add(name)
             return done
         return None
 
-    def finish(self, name: str, result: dict) -> dict:
-        self.done[name] = {**result, "seconds": round(time.time() - self._started, 2)}
+    def finish(self, name: str, result: dict, earlier_seconds: Optional[float] = None) -> dict:
+        """Record a stage's result; `earlier_seconds`: the stage found its work done by an earlier
+        call (train() reusing a finished run), which took that long: the time REPORT.md shows."""
+        seconds = round(time.time() - self._started, 2)
+        if earlier_seconds is not None:
+            seconds = earlier_seconds
+            self.reused.add(name)
+        self.done[name] = {**result, "seconds": seconds}
         atomic.write_json(self.path, {"key": self.key, "done": self.done})
         return self.done[name]
 
@@ -203,9 +211,11 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
     tcfg = cfg.train_config(size, rows=str(rows_file), epochs=epochs)
     stages.start("train", f"{epochs} epochs of {len(cur.rows)} images; the time left is logged after each epoch")
     _set_aside_stale_run(tcfg, out)
+    earlier = (stages.done.get("train") or {}).get("seconds")
     res = train(tcfg, teacher=teacher)
     stages.finish("train", {k: res.get(k) for k in ("test_accuracy", "teacher_agreement", "teacher_test_accuracy",
-                                                    "best_epoch", "teaching", "teaching_costs", "train_seconds")})
+                                                    "best_epoch", "teaching", "teaching_costs", "train_seconds")},
+                  earlier_seconds=(earlier or res.get("train_seconds") or 0.0) if res.get("reused") else None)
 
     # Assessing and exporting are redone after a new training only (train() reused a finished run
     # when its result's epoch is the one they saw).
@@ -230,6 +240,7 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
                                                                             "best_epoch", "teaching")},
                "quality": quality, "export": exp, "sheets": [str(p) for p in sheets],
                "seconds": {k: stages.done[k].get("seconds") for k in STAGES if k in stages.done},
+               "done_earlier": [k for k in STAGES if k in stages.reused],
                "wall_seconds": round(time.time() - t_start, 1)}
     atomic.write_json(out / "summary.json", summary)
     atomic.write_text(out / "REPORT.md", report(summary, cfg))

@@ -94,8 +94,9 @@ def report(s: dict, cfg: FitConfig) -> str:
         f"disagreements with the teacher: {q['disagreements_sheet']}",
         f"- model: {e['onnx']} (sidecar {e['sidecar']}); INT8: {e['int8'] or '-'} "
         f"(test accuracy {_pct(e['int8_accuracy'])}, fp32 ONNX {_pct(e['fp32_onnx_accuracy'])})",
-        "- time: " + ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds"].items() if v is not None)
-        + f"; wall {s['wall_seconds']:.0f} s", "",
+        "- time: " + ", ".join(f"{k} {v:.0f} s" + (" (done by an earlier call)" if k in s.get("done_earlier", [])
+                                                    else "") for k, v in s["seconds"].items() if v is not None)
+        + f"; wall {s['wall_seconds']:.0f} s (this call)", "",
         f"Predict: `clipdistill predict --model {e['onnx']} IMAGES_OR_VIDEO`",
     ]
     return "\n".join(lines) + "\n"
