@@ -20,7 +20,8 @@ from clipdistill.data.example_pool import PoolConfig, make_pool
 @pytest.fixture(scope="module")
 def small_pool(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pool")
-    make_pool(PoolConfig(out=str(out), images=400, size=32, duplicates=12, broken=3, test_per_class=15))
+    make_pool(PoolConfig(out=str(out), images=400, size=32, duplicates=12, broken=3, test_per_class=15,
+                         unprompted_per_class=10))
     return out
 
 
@@ -231,6 +232,113 @@ def test_fit_prompts_report_says_what_to_trust(fitted):
     # none-top.png shows those images (the threshold put none there): a full grid, not "(none)"
     with Image.open(out / "sheets" / "none-top.png") as im:
         assert im.size[1] == 18 + -(-min(24, call["no_prompt"]) // 8) * (96 + 14 + 4) + 4  # rows of 8 (data/sheets.py)
+
+
+UNPROMPTED = ["cross", "diamond", "hourglass", "ring", "square", "triangle"]  # shapes10's classes no prompt names
+
+
+def test_fit_prompts_says_what_unprompted_images_pass_as(fitted, small_pool, capsys):
+    """--eval's unprompted/<what they are>/: make-pool writes the six unprompted classes there (never
+    in test/); fit-prompts answers them with model.onnx as `clipdistill predict` does (the calibrated
+    threshold), and REPORT.md's table, led by the worst look-alike, holds the same counts."""
+    from clipdistill.cli import main
+    from clipdistill.fit.lookalikes import worst_words
+
+    root = small_pool / "eval" / "unprompted"
+    assert sorted(d.name for d in root.iterdir()) == UNPROMPTED
+    assert all(len(list((root / c).glob("*.png"))) == 10 for c in UNPROMPTED)
+    assert sorted(d.name for d in (small_pool / "eval" / "test").iterdir()) == ["circle", "crescent", "heart", "star"]
+    assert sorted(json.loads((small_pool / "truth.json").read_text())["unprompted"]) == UNPROMPTED
+    out = fitted["out"]
+    s = json.loads((out / "summary.json").read_text())
+    u, meta = s["quality"]["unprompted"], json.loads((out / "model.json").read_text())
+    classes = meta["classes"]
+    assert [g["name"] for g in u["groups"]] == UNPROMPTED and u["images"] == 60 and u["classes"] == classes
+    assert u["reject_threshold"] == pytest.approx(meta["reject_threshold"])
+    for g in u["groups"]:  # every image answered once by the model, called once by the teacher
+        assert sum(g["answers"].values()) == sum(g["teacher"].values()) == g["images"] == 10
+    # the same answers as `clipdistill predict --reject auto` on those folders
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out / "model.onnx"), str(root), "--json", "--top-k", "1"]) == 0
+    said = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert said["reject_threshold"] == pytest.approx(meta["reject_threshold"]) and len(said["results"]) == 60
+    for g in u["groups"]:
+        labels = [r["label"] for r in said["results"] if Path(r["path"]).parent.name == g["name"]]
+        assert {c: labels.count(c) for c in g["answers"]} == g["answers"]
+        assert g["rejected_share"] == pytest.approx(100 * labels.count("none of these") / 10)
+    # the worst look-alike: the largest share of a folder passed as one class
+    shares = [(g["answers"][c] / g["images"], g["name"], c) for g in u["groups"] for c in classes]
+    top = max(shares, key=lambda t: t[0])
+    report = (out / "REPORT.md").read_text()
+    assert f"**{worst_words(u)}**" in report
+    if top[0]:
+        assert u["worst"]["share"] == pytest.approx(100 * top[0]) and u["worst"]["class"] in classes
+        assert worst_words(u).startswith(f"{u['worst']['name']} passes as {u['worst']['class']} on "
+                                         f"{u['worst']['share']:.0f}% ")
+    else:  # every one of them answered "none of these"
+        assert u["worst"] is None and worst_words(u) == "none of the 60 images passes as a prompted class"
+    trust = report.split("## What to trust", 1)[1]
+    assert "in that class's row of the table; the labelled ones in --eval's unprompted/ single them out: " \
+           + worst_words(u) in trust and "no label-free number" not in trust
+    rows = _markdown_rows(report, "images of no prompted class")
+    assert list(rows) == UNPROMPTED
+    for g in u["groups"]:
+        cells = rows[g["name"]]
+        assert int(cells[0]) == g["images"]
+        assert [int(c.split(" ")[0]) for c in cells[1:-1]] == [g["answers"][c] for c in [*classes, "none of these"]]
+        assert int(cells[-1].split(" ")[0]) == g["images"] - g["teacher"]["matches no prompt"]
+        assert sum(int(c.split(" ")[0]) for c in cells[1:-1]) == len(list((root / g["name"]).glob("*.png")))
+
+
+def test_unprompted_edits_measure_again_without_training(fitted, small_pool, capsys):
+    """Images added to unprompted/ change the table and nothing trains (metrics.jsonl as it was);
+    without unprompted/ there is no table and the report says no number singles look-alikes out;
+    a folder named as a prompted class is refused before anything runs."""
+    import shutil
+
+    from clipdistill.cli import main
+
+    out, root = fitted["out"], small_pool / "eval" / "unprompted"
+    aside = small_pool / "unprompted-aside"
+    metrics = (out / "run" / "metrics.jsonl").read_text()
+    before = json.loads((out / "summary.json").read_text())["quality"]["unprompted"]
+    added = [root / "cross" / f"added_{i}.png" for i in range(3)]
+    try:
+        for i, f in enumerate(added):
+            shutil.copy(sorted((small_pool / "eval" / "test" / "star").glob("*.png"))[i], f)
+        assert main(fitted["args"]) == 0
+        s = json.loads((out / "summary.json").read_text())
+        u = s["quality"]["unprompted"]
+        cross = next(g for g in u["groups"] if g["name"] == "cross")
+        assert cross["images"] == 13 and u["images"] == 63 and u != before
+        assert _markdown_rows((out / "REPORT.md").read_text(), "images of no prompted class")["cross"][0] == "13"
+        assert "train" in s["done_earlier"] and "assess" in s["done_earlier"] and "lookalikes" not in s["done_earlier"]
+        assert (out / "run" / "metrics.jsonl").read_text() == metrics
+
+        (root / "Star").mkdir()
+        shutil.copy(added[0], root / "Star" / "x.png")
+        with pytest.raises(SystemExit) as e:
+            main(fitted["args"])
+        assert e.value.code == 2 and "--eval" in (err := capsys.readouterr().err)
+        assert "unprompted/Star/ has the name of test/star/, a prompted class" in err
+        shutil.rmtree(root / "Star")
+
+        root.rename(aside)
+        assert main(fitted["args"]) == 0
+        s = json.loads((out / "summary.json").read_text())
+        report = (out / "REPORT.md").read_text()
+        assert s["quality"]["unprompted"] is None and "lookalikes" not in s["seconds"]
+        assert "images of no prompted class" not in report and "unprompted/" not in report
+        assert "where no label-free number can single them out: look at the class's sheets" in report
+        assert (out / "run" / "metrics.jsonl").read_text() == metrics
+    finally:  # the module's pool and fit as they were, for the tests after this one
+        shutil.rmtree(root / "Star", ignore_errors=True)
+        if aside.is_dir():
+            aside.rename(root)
+        for f in added:
+            f.unlink(missing_ok=True)
+        assert main(fitted["args"]) == 0
+    assert json.loads((out / "summary.json").read_text())["quality"]["unprompted"]["groups"] == before["groups"]
 
 
 def test_fit_prompts_without_labels_at_all(small_pool, cache_dir, trained_teacher_file, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """An example of the job users come with, generated offline: a pool of unlabeled photos kept
-as people keep them, prompts for a few of the classes in it, and a labelled test folder.
+as people keep them, prompts for a few of the classes in it, a labelled test folder, and labelled
+images of the classes no prompt names (the look-alikes a deployed model must turn away).
 
 `clipdistill make-pool --out DIR` writes
 
@@ -7,6 +8,8 @@ as people keep them, prompts for a few of the classes in it, and a labelled test
     DIR/pool/copies/...                      byte-identical copies of some of them (as phones sync twice)
     DIR/pool/...                             a few broken files: truncated, empty, not an image
     DIR/eval/test/<class>/*.png              labelled images of the prompted classes only
+    DIR/eval/unprompted/<class>/*.png        labelled images of the other classes: what passes as a
+                                             prompted one (fit/lookalikes.py); never a class or a split
     DIR/classes.txt                          one prompt per prompted class, in test/'s sorted order
 
 so `fit-prompts --prompts DIR/classes.txt --pool DIR/pool --eval DIR/eval` is the whole road
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 POOL_SEED = 5005  # a seed no other split of shapes10 uses
 EVAL_SEED = 6006
+UNPROMPTED_SEED = 7007  # eval/unprompted/: other scenes than eval/test/'s (EVAL_SEED's scene i is test image i)
 
 
 @dataclasses.dataclass
@@ -51,6 +55,8 @@ class PoolConfig:
     duplicates: int = option(150, "byte-identical copies of pool images, under other names and folders")
     broken: int = option(6, "broken files in the pool (truncated, empty, not an image)")
     test_per_class: int = option(200, "labelled eval images per prompted class")
+    unprompted_per_class: int = option(40, "labelled images per class no prompt names, in eval/unprompted/<class>/ "
+                                           "(what passes as a prompted class); 0 = none")
     seed: int = option(0, "which pool: the images, folders, copies and broken files")
     shards: int = option(0, "write the pool as this many WebDataset tar shards (DIR/shards/pool-NNN.tar) instead "
                             "of folders; 0 = folders")
@@ -65,6 +71,7 @@ class PoolConfig:
         check(0 <= self.duplicates <= self.images, "duplicates", "must be between 0 and --images")
         check(self.broken >= 0, "broken", "must be >= 0")
         check(self.test_per_class >= 1, "test_per_class", "must be >= 1")
+        check(self.unprompted_per_class >= 0, "unprompted_per_class", "must be >= 0 (0 = no eval/unprompted/)")
         check(self.seed >= 0, "seed", "must be >= 0")
         check(self.shards >= 0, "shards", "must be >= 0 (0 = folders)")
 
@@ -173,9 +180,17 @@ def _make_pool(cfg: PoolConfig, out: Path) -> dict:
     test = _render(len(test_labels), cfg.size, EVAL_SEED + 1000 * cfg.seed, test_labels)
     for i, (im, y) in enumerate(zip(test, test_labels)):
         _png(out / "eval" / "test" / shapes10.CLASSES[y] / f"{i:05d}.png", im)
+    # The classes no prompt names, labelled the same way, beside test/ (never in it: not a class).
+    others = [c for c in shapes10.CLASSES if c not in prompted] if cfg.unprompted_per_class else []
+    other_labels = np.repeat([shapes10.CLASSES.index(c) for c in others], cfg.unprompted_per_class).astype(np.int64)
+    for i, (im, y) in enumerate(zip(_render(len(other_labels), cfg.size, UNPROMPTED_SEED + 1000 * cfg.seed,
+                                            other_labels), other_labels)):
+        _png(out / "eval" / "unprompted" / shapes10.CLASSES[y] / f"{i:05d}.png", im)
     atomic.write_text(out / "classes.txt", "".join(f"a {c}\n" for c in prompted))
-    atomic.write_json(out / "truth.json", {"pool": truth, "broken": broken, "prompted": prompted})
+    atomic.write_json(out / "truth.json", {"pool": truth, "broken": broken, "prompted": prompted,
+                                           "unprompted": others})
     matching = int(np.isin(labels, [shapes10.CLASSES.index(c) for c in prompted]).sum())
     return {"out": str(out), "pool": pool, "eval": str(out / "eval"), "prompts": str(out / "classes.txt"),
             "images": cfg.images, "duplicates": cfg.duplicates, "broken": cfg.broken, "matching_prompts": matching,
-            "classes": prompted, "test_images": int(len(test_labels))}
+            "classes": prompted, "test_images": int(len(test_labels)), "unprompted_classes": others,
+            "unprompted_images": int(len(other_labels))}

@@ -69,7 +69,9 @@ class FitConfig(BundleOptions, FitRun, FitTeaching, FitAugment, FitOptimiser, Fi
                                                         "never mean classes; duplicates counted once, broken files "
                                                         "skipped and listed)", metavar="DIR|SHARDS[,...]")
     eval: Optional[str] = option(None, "optional labelled images to measure accuracy: a folder with test/<class>/ "
-                                       "(or the test/ folder itself); never trained on", metavar="DIR")
+                                       "(or the test/ folder itself), and optionally unprompted/<what they are>/ "
+                                       "(images no prompt names: what passes as a class); never trained on",
+                                 metavar="DIR")
     # Not runtime, unlike train's --out: the stages record the paths they wrote under it.
     out: str = option("", "folder for everything this writes (model, sidecar, sheets, report); default "
                           "runs/fit-PROMPTS", metavar="DIR")
@@ -97,6 +99,12 @@ class FitConfig(BundleOptions, FitRun, FitTeaching, FitAugment, FitOptimiser, Fi
                 self.eval = str(e.parent)  # `--eval DATA/test` means DATA's test split
             check((Path(self.eval) / "test").is_dir(), "eval",
                   f"{self.eval} has no test/ folder; put labelled images in {Path(self.eval) / 'test'}/<class>/")
+            # unprompted/<what they are>/ beside test/: look-alikes measured after export (lookalikes.py),
+            # refused now rather than after training when a folder is named as a prompted class
+            from .lookalikes import check_unprompted
+
+            check_unprompted(self.eval, [d.name for s in ("train", "test") if (Path(self.eval) / s).is_dir()
+                                         for d in (Path(self.eval) / s).iterdir() if d.is_dir()])
         check_fields(self)
         self._check_bundle()
         if not self.out:

@@ -11,11 +11,17 @@ stage (and, in training, the epoch) where it stopped:
 5. assess  agreement and confusion against the teacher, disagreements, reject threshold (quality.py)
 6. export  ONNX (+ INT8) with the sidecar, checked against PyTorch (deploy/export.py)
 
+then, with --eval DIR/unprompted/<what they are>/, one step after them, reused the same way:
+lookalikes, what the exported model (as `predict` answers) passes those images as, and what the
+teacher calls them (lookalikes.py). It is not a numbered stage: the "[k/6]" lines are what a person
+(and benchmarks/kill_anywhere.py) follows, and it only measures what export wrote.
+
 OUT/fit.json records each finished stage; OUT/REPORT.md (report.py) says what to trust, then where
 everything is.
 
 A stage's key is what it reads, by content: the flags, the lines of the prompt and template
-files, the pool's images (their content hashes) and the --eval images. The same command after an
+files, the pool's images (their content hashes) and the --eval images (unprompted/'s by their
+content too, for the lookalikes step only: they never train). The same command after an
 edit therefore redoes what the edit touches and says what changed — an edited prompts file or
 new photos in the pool train a new model (the earlier run is kept in OUT/previous-run) instead of
 shipping the old one or refusing with advice the user cannot follow."""
@@ -40,6 +46,7 @@ from .report import report
 log = logging.getLogger(__name__)
 
 STAGES = ("index", "embed", "curate", "train", "assess", "export")
+AFTER = ("lookalikes",)  # steps after the stages, recorded and reused as they are
 STATE = "fit.json"
 
 
@@ -53,10 +60,14 @@ class Stages:
         self.reused: set[str] = set()  # stages this call took from an earlier one (their seconds are that one's)
         self.t0 = time.time()
 
+    @staticmethod
+    def label(name: str) -> str:
+        """"[k/6] name" for a stage, the name alone for a step after them."""
+        return f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}" if name in STAGES else name
+
     def start(self, name: str, estimate: str = "") -> None:
-        k = STAGES.index(name) + 1
         left = "" if not estimate else f" ({estimate})"
-        log.info("[%d/%d] %s%s", k, len(STAGES), name, left)
+        log.info("%s%s", self.label(name), left)
         self._started = time.time()
 
     def reuse(self, name: str, *files, same: Optional[dict] = None) -> Optional[dict]:
@@ -65,10 +76,15 @@ class Stages:
         done = self.done.get(name)
         if done is not None and all(f and Path(f).exists() for f in files) and \
                 all(done.get(k) == v for k, v in (same or {}).items()):
-            log.info("[%d/%d] %s: done earlier (%s)", STAGES.index(name) + 1, len(STAGES), name, self.path)
+            log.info("%s: done earlier (%s)", self.label(name), self.path)
             self.reused.add(name)
             return done
         return None
+
+    def drop(self, name: str) -> None:
+        """Forget a stage's result (its input is gone: no unprompted/ any more)."""
+        if self.done.pop(name, None) is not None:
+            atomic.write_json(self.path, {"key": self.key, "done": self.done})
 
     def finish(self, name: str, result: dict, earlier_seconds: Optional[float] = None) -> dict:
         """Record a stage's result; `earlier_seconds`: the stage found its work done by an earlier
@@ -235,12 +251,13 @@ def _fit(cfg: FitConfig, out: Path) -> dict:
 
         exp = {**exp, "bundle": write_for(cfg, [Path(exp["onnx"])] + ([Path(exp["int8"])] if exp.get("int8") else []))}
 
+    look = _lookalikes(cfg, stages, teacher, text, outs.classes, quality, exp, fresh)
     summary = {"out": str(out), "pool": pool_counts, "teacher_zero_shot_accuracy": zero_shot,
                "curation": curation, "student": {k: res.get(k) for k in ("test_accuracy", "teacher_agreement",
                                                                             "best_epoch", "teaching")},
-               "quality": quality, "export": exp, "sheets": [str(p) for p in sheets],
-               "seconds": {k: stages.done[k].get("seconds") for k in STAGES if k in stages.done},
-               "done_earlier": [k for k in STAGES if k in stages.reused],
+               "quality": {**quality, "unprompted": look}, "export": exp, "sheets": [str(p) for p in sheets],
+               "seconds": {k: stages.done[k].get("seconds") for k in STAGES + AFTER if k in stages.done},
+               "done_earlier": [k for k in STAGES + AFTER if k in stages.reused],
                "wall_seconds": round(time.time() - t_start, 1)}
     atomic.write_json(out / "summary.json", summary)
     atomic.write_text(out / "REPORT.md", report(summary, cfg))
@@ -281,6 +298,31 @@ def _assess(tcfg, teacher, out: Path) -> dict:
              q["held_out_images"], q["reject_threshold"],
              f"{q['balanced_agreement']:.1f}" if q["balanced_agreement"] is not None else "-")
     return q
+
+
+def _lookalikes(cfg: FitConfig, stages: Stages, teacher, text: np.ndarray, classes: list[str], quality: dict,
+                exp: dict, fresh: dict) -> Optional[dict]:
+    """The look-alikes in --eval's unprompted/ (lookalikes.py), measured again only when those
+    images, the model or the teacher's cut changed; None without any."""
+    from .lookalikes import FORMAT, content_digest, measure, unprompted_folders, worst_words
+
+    folders = unprompted_folders(cfg.eval)
+    if not folders:
+        stages.drop("lookalikes")
+        return None
+    same = {"trained": fresh, "format": FORMAT, "images_sha1": content_digest(folders),
+            **{k: quality[k] for k in ("reject_threshold", "teacher_similarity_cut")}}
+    look = stages.reuse("lookalikes", exp["onnx"], same=same)
+    if look is None:
+        stages.start("lookalikes", f"{len(folders)} folders of unprompted/ through {Path(exp['onnx']).name} and "
+                                   f"the teacher")
+        look = stages.finish("lookalikes", {**measure(exp["onnx"], folders, teacher, text, classes,
+                                                      quality["teacher_similarity_cut"], cfg.embed_batch_size),
+                                            **same})
+    log.info("look-alikes (%d images of no prompted class in %s): %s; %s of them pass as a class", look["images"],
+             look["folder"], worst_words(look),
+             "-" if look["passed_share"] is None else f"{look['passed_share']:.0f}%")
+    return look
 
 
 def _export(cfg: FitConfig, tcfg) -> dict:

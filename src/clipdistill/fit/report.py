@@ -6,13 +6,17 @@ teacher matches a prompt, first and named as such; over every held-out image sec
 one counts images of no prompted class, where the teacher's "class" is only the least unlike
 prompt), how often does it say "none of these" and what passes anyway, which classes it mixes up.
 The pool has no labels: "matches no prompt" is the teacher's call (its cosine to the best prompt
-under a cut found without labels), and the report says so rather than pass it off as the truth."""
+under a cut found without labels), and the report says so rather than pass it off as the truth.
+Labelled images of things no prompt names (--eval's unprompted/, lookalikes.py) are the one place
+where what passes as a class is known per kind of thing: their table follows, led by the worst."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ..deploy.reject import NONE_LABEL
 from .config import FitConfig
+from .lookalikes import NO_PROMPT, worst_words
 
 
 def _pct(v) -> str:
@@ -34,6 +38,10 @@ def trust_lines(q: dict) -> list[str]:
     balanced = q["balanced_agreement"]
     passing = sorted(((n, c) for c, n in zip(classes, none_row[:-1]) if n), reverse=True)
     pairs = ", ".join(f"{p['teacher']} -> {p['student']} {_share(p['images'], p['of'])}" for p in q["top_confusions"])
+    u = q.get("unprompted")
+    hidden = ("row of the table, where no label-free number can single them out: look at the class's sheets"
+              if u is None else f"row of the table; the labelled ones in --eval's unprompted/ single them out: "
+                                f"{worst_words(u)} (table below)")
     return [
         f"- **agreement with the teacher where it matches a prompt: {_pct(q['agreement_where_teacher_matches'])}** "
         f"of {n_match} held-out pool images (the teacher's cosine to its best prompt at least {cut:.3f}): how often "
@@ -48,7 +56,7 @@ def trust_lines(q: dict) -> list[str]:
         f"- images matching no prompt that still pass as a class: {_share(n_none - none_row[-1], n_none)}"
         + (": as " + ", ".join(f"{c} {_share(n, n_none)}" for n, c in passing) if passing else "")
         + "; look-alikes the teacher itself takes for a prompted class (a ring for a circle) are in that class's "
-          "row of the table, where no label-free number can single them out: look at the class's sheets",
+        + hidden,
         "- confused most (the teacher's class -> the student's, where the teacher matches a prompt): "
         + (pairs or "none"),
     ]
@@ -81,12 +89,40 @@ def answers_table(q: dict) -> list[str]:
                         f"unprompted class that the teacher matches to a prompt counts in that prompt's row."]
 
 
+def unprompted_table(u: dict) -> list[str]:
+    """--eval's unprompted/ folders as Markdown, led by the worst look-alike: each folder's images
+    answered by the model as `predict` answers (a class, or "none of these"), then the teacher's
+    own call on them; each cell images (share of the folder)."""
+    classes = u["classes"]
+
+    def cell(v: int, n: int) -> str:
+        return f"{v} ({100 * v / n:.0f}%)" if n and v else "0"
+
+    lines = [f"Images of no prompted class (--eval's unprompted/): **{worst_words(u)}**; "
+             f"{_pct(u['passed_share'])} of all {u['images']} there pass as a class.", "",
+             "| images of no prompted class | images | " + " | ".join(classes) + f" | {NONE_LABEL} | "
+             "the teacher matches a prompt |", "|---" * (len(classes) + 4) + "|"]
+    for g in u["groups"]:
+        n, calls = g["images"], g["teacher"]
+        called = ", ".join(f"{c} {calls[c]}" for c in sorted(classes, key=lambda c: -calls[c]) if calls[c])
+        lines.append(f"| {g['name']} | {n} | " + " | ".join(cell(g["answers"][c], n) for c in [*classes, NONE_LABEL])
+                     + f" | {cell(n - calls[NO_PROMPT], n)}" + (f": {called}" if called else "") + " |")
+    return lines + ["", f"Labelled images in {u['folder']}/<what they are>/ (never trained on), answered by "
+                        f"{u['model']} as `predict` answers them (\"{NONE_LABEL}\" below top probability "
+                        f"{u['reject_threshold']:.3f}). The last column is the teacher's own call on them (its "
+                        f"cosine to the best prompt at least {u['teacher_similarity_cut']:.3f}), by class. A folder "
+                        f"the teacher itself takes for a class is its look-alike, which the student learnt from it: "
+                        f"a more specific prompt helps, not more training; one the teacher turns away but the "
+                        f"model passes is the student's own error."]
+
+
 def report(s: dict, cfg: FitConfig) -> str:
     p, c, st, q, e = s["pool"], s["curation"], s["student"], s["quality"], s["export"]
     lines = [
         f"# fit-prompts: {cfg.prompts}", "", "## What to trust", "", *trust_lines(q),
         eval_line(s),
-        "", *answers_table(q), "", "## The run", "",
+        "", *answers_table(q), "", *([*unprompted_table(q["unprompted"]), ""] if q.get("unprompted") else []),
+        "## The run", "",
         f"- pool: {p['files']} files, {p['images']} distinct images, {p['duplicates']} duplicates, "
         f"{p['broken']} broken (listed in fit.json)",
         f"- {c['summary']}; contact sheets: {Path(cfg.out) / 'sheets'}",
