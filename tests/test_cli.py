@@ -1,3 +1,4 @@
+import pytest
 from conftest import run_cli
 
 from clipdistill.cli import VERBS
@@ -57,3 +58,21 @@ def test_every_verb_is_a_config_a_run_function_and_a_formatter():
         assert dataclasses.is_dataclass(_load(v.config)), verb
         for ref in (v.run, v.text, v.failures):
             assert ref is None or callable(_load(ref)), (verb, ref)
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_openmp_threads_sleep_when_waiting_unless_the_user_chose(given):
+    """OMP_WAIT_POLICY is read once, when torch loads OpenMP: the CLI sets it before any verb can
+    import torch (benchmarks/bench_busy.md: 4-12x faster training beside another busy program),
+    and leaves a user's own choice alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys\nimport clipdistill.cli as cli\nloaded = 'torch' in sys.modules\n"
+            "cli.main(['--version'])\nprint(loaded, os.environ.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["False", given or "PASSIVE"]

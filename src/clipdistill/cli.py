@@ -13,6 +13,7 @@ import argparse
 import errno
 import importlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,9 @@ VERBS.add("make-pool", Verb(
     "write an offline example of your own job: a nested pool of photos, prompts and a labelled test folder",
     "Renders shapes10 scenes of all ten classes into OUT/pool/ as photos are kept (folders by month, bursts, "
     "byte-identical copies, a few broken files), prompts for some classes into OUT/classes.txt and labelled "
-    "images of those classes into OUT/eval/test/<class>/. Most of the pool matches no prompt, as in real photo "
-    "folders. What `fit-prompts` is measured on.\n\n"
+    "images of those classes into OUT/eval/test/<class>/, and of the other classes into OUT/eval/unprompted/<class>/ "
+    "(what the model passes look-alikes as: REPORT.md's table). Most of the pool matches no prompt, as in real "
+    "photo folders. What `fit-prompts` is measured on.\n\n"
     "examples:\n  clipdistill make-pool --out my-pool\n"
     "  clipdistill make-pool --out my-pool --classes ring,cross,square,heart --seed 1",
     ".data.example_pool:PoolConfig", ".data.example_pool:make_pool", ".cli:_pool_text", json=JSON_HELP, needs=TRAIN))
@@ -307,11 +309,13 @@ def _fit_text(res: dict, cfg) -> str:
 def _pool_text(res: dict, cfg) -> str:
     where = f"in {cfg.shards} tar shards" if cfg.shards else "in nested folders"
     pool = f"'{res['pool']}'" if cfg.shards else res["pool"]  # braces: quoted for the shell
+    others = (f", images of no prompted class: {res['eval']}/unprompted/ ({res['unprompted_images']})"
+              if res.get("unprompted_images") else "")
     return (f"wrote {res['pool']}: {res['images']} images of all ten shapes10 classes {where}, "
             f"{res['duplicates']} duplicates, {res['broken']} broken files ({res['matching_prompts']} images "
             f"match a prompt)\nprompts for {', '.join(res['classes'])}: {res['prompts']}\nlabelled test images: "
-            f"{res['eval']}/test/ ({res['test_images']})\nnext: clipdistill fit-prompts --prompts {res['prompts']} "
-            f"--pool {pool} --eval {res['eval']} --out runs/my-classifier")
+            f"{res['eval']}/test/ ({res['test_images']}){others}\nnext: clipdistill fit-prompts --prompts "
+            f"{res['prompts']} --pool {pool} --eval {res['eval']} --out runs/my-classifier")
 
 
 def _teacher_eval_text(res: dict, cfg) -> str:
@@ -359,7 +363,18 @@ def build_parser(verb: str) -> argparse.ArgumentParser:
     return p
 
 
+def _sleeping_waits() -> None:
+    """torch's OpenMP threads sleep when they wait instead of spinning, unless the user chose
+    (OMP_WAIT_POLICY set). On two cores shared with one other busy program, a spinning thread burns
+    the time slice its partner needs: training ran 4-12x slower than with sleeping waits
+    (benchmarks/bench_busy.md). The arithmetic is the same either way. OpenMP reads it when torch
+    loads, so it is set here, before any verb imports torch; DataLoader workers and torchrun's
+    processes inherit it. A Python API user sets it in their own environment."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    _sleeping_waits()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-"):
         top = _top_parser()
