@@ -12,6 +12,7 @@ Every step is the documented command, run as a subprocess of `clipdistill`; the 
 scored on the same labelled eval folder. Prints the table and writes benchmarks/words_to_model.{md,json}.
 
     python benchmarks/words_to_model.py [--seeds 0,1] [--epochs 40] [--per-class 300] [--work DIR]
+    python benchmarks/words_to_model.py --name NAME --epochs 0 --from-json A.json,B.json   # join runs
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +65,9 @@ def one_seed(seed: int, work: Path, cache: str, epochs: int, per_class: int, ima
     try:
         where = json.loads(server.stdout.readline())
         found = work / f"search-s{seed}"
+        # a search of another service (this run's serve-knn has another port, so other URLs) is a
+        # new search, and download rightly refuses new URLs into the old shards: start both afresh
+        shutil.rmtree(found, ignore_errors=True)
         s = run("search", "--prompts", prompts, "--service", where["service"], "--index", where["index"],
                 "--per-class", str(per_class), "--out", str(found), "--sheet-images", "8", "--no-progress",
                 cache=cache)
@@ -99,18 +104,26 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/clipdistill-words-to-model")
     ap.add_argument("--name", default="words_to_model", help="writes benchmarks/NAME.{md,json}")
     ap.add_argument("--cache-dir", default=os.environ.get("CLIPDISTILL_CACHE", str(Path.home() / ".cache/clipdistill")))
+    ap.add_argument("--from-json", default="",
+                    help="comma-separated benchmarks/*.json of earlier runs (same --epochs): join their rows into "
+                         "NAME's table without running anything")
     args = ap.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    rows = [one_seed(int(s), work, args.cache_dir, args.epochs, args.per_class, args.images)
-            for s in args.seeds.split(",")]
+    if args.from_json:
+        rows = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())]
+        args.seeds = ",".join(str(r["seed"]) for r in rows)
+    else:
+        work = Path(args.work)
+        work.mkdir(parents=True, exist_ok=True)
+        rows = [one_seed(int(s), work, args.cache_dir, args.epochs, args.per_class, args.images)
+                for s in args.seeds.split(",")]
     cols = list(rows[0])
     mean = sum(r["difference"] for r in rows) / len(rows)
+    joined = f" (rows of separate runs joined with `--from-json {args.from_json}`)" if args.from_json else ""
     text = "\n".join([
         "# From prompts alone to a model (issue 26's acceptance)", "",
         f"Machine: {machine_kind()}, {os.cpu_count()} cores; "
         f"{time.strftime('%Y-%m-%d')}; `python benchmarks/words_to_model.py --seeds {args.seeds} "
-        f"--epochs {args.epochs} --per-class {args.per_class} --images {args.images}`.", "",
+        f"--epochs {args.epochs} --per-class {args.per_class} --images {args.images}`{joined}.", "",
         "Per pool seed, two models from the same example pool (`make-pool --seed S`), scored on its labelled eval "
         "folder: `fit-prompts --pool` on the whole pool, and the words-only road (`serve-knn` over the pool on "
         "127.0.0.1 -> `search --service` -> `download` -> `fit-prompts` on the shards), each with "
