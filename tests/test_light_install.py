@@ -206,3 +206,41 @@ def test_verbs_that_need_the_training_install_say_so_in_one_line(tmp_path):
         assert ("onnxruntime-gpu" in err) == (verb == "predict"), err  # the Jetson's own wheel
     assert "(torch not installed)" in said[-3][2]  # the fallback names the one module met
     assert not (tmp_path / "run").exists()  # train refused before anything ran
+
+
+@pytest.mark.slow
+def test_check_bundle_on_the_device_install_checks_what_it_can(exported, tmp_path):
+    """On the device (numpy, Pillow, ONNX Runtime) check-bundle verifies the copy: every hash and
+    mode, each runtime's check that needs only what is there, the others said as skipped; a file
+    of the user's beside the bundle (photos/, the wheel) is listed, one slipped into a runtime's
+    folder fails. It stopped at once with 'needs the training install (onnx)'."""
+    from clipdistill.deploy.bundle import bundle_path
+
+    bundle = tmp_path / "copied.bundle"
+    shutil.copytree(bundle_path(exported["fp32"]), bundle)
+    (bundle / "photos").mkdir(mode=0o755)
+    (bundle / "photos" / "mine.png").write_bytes(b"a photo of the user's")
+    device = (*HEAVY, "polygraphy", "onnx_graphsurgeon", "tritonclient", "cv2")
+    first = _python(device, PREDICT, "check-bundle", str(bundle))
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = json.loads(first.stdout.splitlines()[-1])
+    assert r["rc"] == 0 and r["heavy"] == [], (r, first.stderr[-2000:])
+    lines = r["stdout"].splitlines()
+    assert lines[-1].startswith("PASSED") and "note  1 file(s) beside the bundle's own" in r["stdout"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    checked = {ln.split()[1]: ln.split()[0] for ln in lines if ln.startswith(("pass ", "skip ", "FAIL "))}
+    assert set(checked) >= set(manifest["files"]) and "FAIL" not in checked.values()
+    # hashed and passed where only the hash can be checked; the ONNX files' lint said as skipped
+    assert {f for f in manifest["files"] if not f.endswith(".onnx")} <= {f for f, w in checked.items() if w == "pass"}
+    assert "polygraphy is not installed" in r["stdout"] and "needs the onnx module" in r["stdout"]
+    # a damaged copy and a file added where a runtime reads fail, each named
+    model = bundle / manifest["models"][0]
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    (bundle / "triton" / "extra").mkdir(mode=0o755)
+    (bundle / "triton" / "extra" / "model.onnx").write_bytes(b"not ours")
+    second = json.loads(_python(device, PREDICT, "check-bundle", str(bundle)).stdout.splitlines()[-1])
+    assert second["rc"] == 1
+    fails = [ln for ln in second["stdout"].splitlines() if ln.startswith("FAIL ")]
+    assert sorted(ln.split()[1] for ln in fails) == sorted([manifest["models"][0], "triton/extra/model.onnx"])

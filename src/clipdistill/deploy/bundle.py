@@ -244,7 +244,11 @@ def polygraphy_lint_all(paths: list[Path]) -> dict[str, Optional[str]]:
     problem}); raises FileNotFoundError when polygraphy is not installed."""
     import importlib.util
 
-    if importlib.util.find_spec("polygraphy") is None:
+    try:
+        found = importlib.util.find_spec("polygraphy") is not None
+    except ImportError:  # a finder that refuses it (an import blocker, a broken install)
+        found = False
+    if not found:
         raise FileNotFoundError("polygraphy")
     out: dict[str, Optional[str]] = {}
     with atomic.temporary_folder(Path(os.environ.get("TMPDIR", "/tmp")), "lint") as tmp:
@@ -294,9 +298,18 @@ def check_bundle(folder: str | Path, images: Optional[np.ndarray] = None) -> dic
         mode = (folder / rel).stat().st_mode & 0o777 if got else 0o644
         if mode != 0o644:
             files[rel].append(f"mode {mode:o}, not 644")
+    # A runtime reads whole folders (Triton loads every version under triton/MODEL/): a file added
+    # inside one of the bundle's folders fails. Files beside them (the wheel, photos/ to try
+    # `predict` on, as the bundle's README suggests) are the user's, listed and not checked.
+    ours = {a.as_posix() for rel in man["files"] for a in Path(rel).parents} - {"."}
+    extra = []
     for rel in sorted(set(now) - set(man["files"])):
-        files[rel] = [f"not in {MANIFEST}"]
-    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        inside = [a.as_posix() for a in Path(rel).parents if a.as_posix() in ours]
+        if inside:
+            files[rel] = [f"not in {MANIFEST}, inside {inside[-1]}/, which a runtime reads"]
+        else:
+            extra.append(rel)
+    for d in [folder, *(folder / rel for rel in sorted(ours))]:
         if d.stat().st_mode & 0o777 != 0o755:
             files.setdefault(d.relative_to(folder).as_posix() + "/", []).append(
                 f"folder mode {d.stat().st_mode & 0o777:o}, not 755")
@@ -322,9 +335,13 @@ def check_bundle(folder: str | Path, images: Optional[np.ndarray] = None) -> dic
         except ConfigError:
             targets[name] = [f"skipped: this clipdistill has no {name!r} target"]
             continue
-        targets[name] = t.check(ctx, images)
+        try:
+            targets[name] = t.check(ctx, images)
+        except ModuleNotFoundError as e:  # the device's light install: what it has is checked, the rest said
+            targets[name] = [f"skipped: needs the {e.name or 'a missing'} module, not installed here (the training "
+                             f"install has it: pip install 'clipdistill[train]')"]
     failed = [p for ps in [*files.values(), *targets.values()] for p in ps if not p.startswith("skipped:")]
-    return {"path": str(folder), "files": files, "targets": targets, "passed": not failed}
+    return {"path": str(folder), "files": files, "targets": targets, "extra": extra, "passed": not failed}
 
 
 # ------------------------------------------------------------------------------ the verb
@@ -353,6 +370,8 @@ def _test_images(folder: Path, n: int) -> tuple[Optional[np.ndarray], str]:
         imgs, _ = split_images(atomic.read_json(Path(run) / "config.json"), "test", "", info["trained_size"])
     except (ClipDistillError, OSError) as e:
         return None, f"the source run's test split cannot be read ({e})"
+    except ModuleNotFoundError as e:
+        return None, f"reading the source run's test split needs {e.name or 'the training install'} (not installed)"
     return np.asarray(imgs[subset(len(imgs), n, seed=0)]), f"{min(n, len(imgs))} test images of {run}"
 
 
@@ -372,6 +391,10 @@ def text(res: dict, cfg=None) -> str:
             fails = [p for p in problems if not p.startswith("skipped:")]
             word = "FAIL" if fails else "skip" if problems else "pass"
             lines.append(f"{word}  {name}" + "".join(f"\n      {p}" for p in problems))
+    extra = res.get("extra") or []
+    if extra:
+        lines.append(f"note  {len(extra)} file(s) beside the bundle's own, not in {MANIFEST} and not checked: "
+                     f"{', '.join(extra[:3])}{f' and {len(extra) - 3} more' if len(extra) > 3 else ''}")
     lines.append(f"{'PASSED' if res['passed'] else 'FAILED'}: {res['path']} ({res['images']})")
     return "\n".join(lines)
 
