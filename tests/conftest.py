@@ -14,7 +14,7 @@ import pytest
 os.environ["CLIPDISTILL_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one thread,
+# Under pytest-xdist (`pytest -n 2`; `make test` runs without it) each worker computes on one thread,
 # itself and in the processes it starts: two workers of two threads on two cores crawl.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:
