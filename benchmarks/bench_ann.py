@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table  # noqa: E402
+from _common import machine_kind, table  # noqa: E402
 from bench_search import blocks, centres  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -196,7 +196,7 @@ def main() -> None:
             shutil.rmtree(folder)
     md = table(results, list(results[0]))
     print(md)
-    cpu = "AVX512-BF16 kind" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "AVX2 kind"
+    cpu = machine_kind()
     head = (f"# Exact search vs the approximate index (usearch HNSW)\n\n"
             f"{time.strftime('%Y-%m-%d')}, `python benchmarks/bench_ann.py --sizes {args.sizes} --build-max "
             f"{args.build_max}` ({cpu} machine, {os.cpu_count()} cores, {args.threads} threads, usearch "

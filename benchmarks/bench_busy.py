@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table  # noqa: E402
-from words_to_model import machine_kind  # noqa: E402
+from _common import machine_kind, table  # noqa: E402
 
 HERE = Path(__file__).parent
 

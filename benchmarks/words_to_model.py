@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import table  # noqa: E402
+from _common import machine_kind, table  # noqa: E402
 
 HERE = Path(__file__).parent
 CLI = [sys.executable, "-m", "clipdistill.cli"]
@@ -84,15 +83,6 @@ def one_seed(seed: int, work: Path, cache: str, epochs: int, per_class: int, ima
             "duplicates": d["duplicates"], "trained on (pool / words)": f"{ref['pool']['images']} / "
             f"{words['pool']['images']}", "seconds (pool / words)": f"{ref['_seconds']} / "
             f"{words['_seconds'] + s['_seconds'] + d['_seconds']:.0f}"}
-
-
-def machine_kind() -> str:
-    """This project's two kinds of 2-core machine differ in native bf16 (the teacher's precision)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    return f"{platform.machine()} ({'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2, no native bf16'})"
 
 
 def main() -> None:
