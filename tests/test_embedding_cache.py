@@ -28,6 +28,15 @@ def _outputs(dataset, cache: EmbeddingCache, split: str = "train"):
                           datasets={split: dataset}, caches={split: cache})
 
 
+def _class_folders(root: Path, per_class: int, size: tuple[int, int], rng) -> Path:
+    """cats/ and dogs/ of random photos (height x width `size`): a labelled folder dataset."""
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
 def _manifest(cache_root: Path) -> Path | None:
     found = list(cache_root.glob("embeddings/*/shapes10-32px*/unlabeled/manifest.json"))
     return found[0] if found else None
@@ -118,12 +127,7 @@ def test_foreign_preprocess_is_refused(tmp_path, data_root, random_teacher_file)
 
 
 def test_folder_with_corrupt_and_non_image_files(tmp_path, random_teacher_file):
-    root = tmp_path / "imgs"
-    rng = np.random.default_rng(0)
-    for cls in ("cats", "dogs"):
-        (root / cls).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    root = _class_folders(tmp_path / "imgs", 5, (40, 50), np.random.default_rng(0))
     (root / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (root / "dogs" / "notes.txt").write_text("not an image")
     cfg = EmbedConfig(dataset="folder", data_root=str(root), split="train", pretrained=str(random_teacher_file),
@@ -230,12 +234,8 @@ def test_a_folder_edited_in_place_is_embedded_again_not_refused(tmp_path, random
     """A user who adds photos to their --eval folder (or makes it again at the same path) gets
     the new images embedded, with a warning saying why; it used to be refused with 'delete that
     folder' on every later command, and before that, nothing may reuse the old rows."""
-    root = tmp_path / "eval"
     rng = np.random.default_rng(0)
-    for cls in ("cats", "dogs"):
-        (root / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    root = _class_folders(tmp_path / "eval", 3, (32, 32), rng)
     cfg = EmbedConfig(dataset="folder", data_root=str(root), split="train", pretrained=str(random_teacher_file),
                       cache_dir=str(tmp_path / "cache"), progress=False, embed_batch_size=4, workers=0)
     first = embed(cfg)
