@@ -522,7 +522,7 @@ def test_approximate_pool_search_builds_its_index_once_and_says_so(local, pool, 
                                                                       tmp_path, capsys):
     """`search --pool --approximate` on the embedded pool: the usearch index is built beside the
     embedding cache by the first search and reused by the next; the results are exact search's
-    (a graph of 200 rows misses nothing); the summary says it was approximate. (Recall on a larger
+    (nearly: a graph of 200 rows rarely misses one); the summary says it was approximate. (Recall on a larger
     pool, rebuilds, unreadable rows: tests/test_ann.py.)"""
     if importlib.util.find_spec("usearch") is None:  # found, not imported: it must stay out of this process
         pytest.skip("usearch is not installed (pip install 'clipdistill[ann]')")
@@ -543,8 +543,19 @@ def test_approximate_pool_search_builds_its_index_once_and_says_so(local, pool, 
     assert second["index"] == first["index"] and second["built_seconds"] is None  # reused, not built again
     exact = [json.loads(x) for x in (local["out"] / "results.jsonl").read_text().splitlines()]
     approx = [json.loads(x) for x in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
-    assert [(r["class"], r["row"]) for r in approx] == [(r["class"], r["row"]) for r in exact]
-    np.testing.assert_allclose([r["similarity"] for r in approx], [r["similarity"] for r in exact], atol=1e-5)
+    # nearly exact search's results (a graph of 200 rows usually misses nothing, but its build is
+    # multi-threaded and a fresh clone's run once missed one: recall on bigger pools is test_ann's),
+    # each with its exact cosine, best first per prompt
+    assert len(approx) == len(exact)
+    found = {(r["class"], r["row"]) for r in approx} & {(r["class"], r["row"]) for r in exact}
+    assert len(found) >= 0.9 * len(exact), (len(found), len(exact))
+    emb = knn.normalise(np.asarray(local["cache"].embeddings, dtype=np.float32))
+    text = knn.normalise(local["text"])
+    for r in approx:
+        assert abs(emb[r["row"]] @ text[r["class"]] - r["similarity"]) < 1e-4
+    for k in {r["class"] for r in approx}:
+        sims = [r["similarity"] for r in approx if r["class"] == k]
+        assert sims == sorted(sims, reverse=True)
     assert json.loads((local["out"] / "search.json").read_text())["approximate"] is None
     assert "usearch" not in sys.modules  # the worker process ran it (with torch here, it would make torch spin)
 
