@@ -13,6 +13,10 @@ import pytest
 # Tests never touch the network: every download path must fail fast instead.
 os.environ["CLIPDISTILL_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# As `clipdistill` itself sets it (cli.py): torch's threads sleep at a barrier instead of spinning, so
+# that the tests' torch and the tiny teacher's pre-training beside them (`_teacher_in_background`)
+# share the two cores without the crawl of benchmarks/bench_busy.md. Read when torch loads: here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Under pytest-xdist (`pytest -n 2`; `make test` runs without it) each worker computes on one thread,
 # itself and in the processes it starts: two workers of two threads on two cores crawl.
@@ -31,13 +35,59 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     """Long tests train a real student to convergence (each says how long it takes): they would
-    double the suite, so they run on demand and say so when skipped."""
-    if config.getoption("--long"):
-        return
-    skip = pytest.mark.skip(reason="trains a student to convergence: run with --long (make test-long)")
-    for item in items:
-        if "long" in item.keywords:
-            item.add_marker(skip)
+    double the suite, so they run on demand and say so when skipped. The tests that need the
+    pre-trained tiny teacher run last, while it pre-trains in another process (`_teacher_in_background`)."""
+    if not config.getoption("--long"):
+        skip = pytest.mark.skip(reason="trains a student to convergence: run with --long (make test-long)")
+        for item in items:
+            if "long" in item.keywords:
+                item.add_marker(skip)
+    if not WORKER:
+        items[:] = teacher_last(items)
+
+
+# What the whole suite holds on disk at its peak (1.8 GB measured: runs, checkpoints, bundles; pytest
+# removes each passed test's folder, pyproject.toml) with a margin. CI once ran out of disk mid-suite
+# and 80 tests failed on "No space left on device": one line that says so comes first now.
+DISK_NEEDED_GB = 2.5
+
+
+def pytest_collection_finish(session):
+    import shutil
+    import tempfile
+
+    heavy = any({"trained_run", "trained_teacher_file"} & set(getattr(it, "fixturenames", ())) for it in session.items)
+    where = Path(session.config.option.basetemp or tempfile.gettempdir())
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free / 2**30
+    if heavy and free < DISK_NEEDED_GB:
+        pytest.exit(f"{free:.1f} GB free in {where}; these tests write up to about {DISK_NEEDED_GB:g} GB there "
+                    f"(runs, checkpoints, bundles): free some space, or run pytest --basetemp=DIR on a disk with "
+                    f"room", returncode=3)
+
+
+def _module_fixtures(item) -> set[str]:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = getattr(info, "name2fixturedefs", {}) or {}
+    return {name for name, fd in defs.items() if fd and getattr(fd[-1], "scope", None) == "module"}
+
+
+def teacher_last(items: list) -> list:
+    """`items` with those that need the pre-trained teacher moved to the end, each group in its own
+    order. A test that shares a module-scoped fixture with a moved test of its module moves with it,
+    so that no module fixture is built twice."""
+    late = {i for i, it in enumerate(items) if "trained_teacher_file" in getattr(it, "fixturenames", ())}
+    while True:
+        shared: dict[str, set[str]] = {}
+        for i in late:
+            shared.setdefault(items[i].nodeid.split("::")[0], set()).update(_module_fixtures(items[i]))
+        more = {i for i, it in enumerate(items) if i not in late
+                and _module_fixtures(it) & shared.get(it.nodeid.split("::")[0], set())}
+        if not more:
+            break
+        late |= more
+    return [it for i, it in enumerate(items) if i not in late] + [it for i, it in enumerate(items) if i in late]
 
 
 @pytest.fixture(autouse=True)
@@ -102,13 +152,41 @@ def assert_plain_log(text: str, epochs: int) -> None:
         assert " img/s, " in said[0] and " elapsed" in said[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _teacher_in_background(request, cache_dir):
+    """Start pre-training the tiny teacher in another process when the session starts, if a selected
+    test needs it: it takes a minute or two on one thread (always one: `TinyTeacherConfig.threads`),
+    which the tests that do not need it (run first: `teacher_last`) fill with work on the other core.
+    The child's file is the one `ensure_tiny_teacher` would write here; `trained_teacher_file`
+    waits for it."""
+    from clipdistill.teacher.tiny import tiny_teacher_path
+
+    wanted = any("trained_teacher_file" in getattr(it, "fixturenames", ()) for it in request.session.items)
+    if WORKER or not wanted or tiny_teacher_path(cache_dir).is_file():
+        yield None
+        return
+    log = open(cache_dir / "teacher-pretraining.log", "w")
+    code = "import sys\nfrom clipdistill.teacher.tiny import ensure_tiny_teacher\nensure_tiny_teacher(sys.argv[1])"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(cache_dir)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    yield proc
+    if proc.poll() is None:  # a session that ended (or was stopped) before it was needed
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
 @pytest.fixture(scope="session")
-def trained_teacher_file(cache_dir, tmp_path_factory) -> Path:
+def trained_teacher_file(cache_dir, tmp_path_factory, _teacher_in_background) -> Path:
     """The real tiny-shapes teacher, as `make demo` builds it (pre-trained on one thread for a minute
     or two): shorter pre-training gives a teacher too weak to test distillation against. Under
     pytest-xdist one worker pre-trains it for all (the others wait on the lock) and each worker's
     cache links to it, where `--teacher tiny-shapes` finds it."""
     from clipdistill.teacher.tiny import ensure_tiny_teacher, tiny_teacher_path
+
+    if _teacher_in_background is not None and _teacher_in_background.wait() != 0:
+        # pre-trained here instead (the same file); the child's output says why it stopped
+        print((cache_dir / "teacher-pretraining.log").read_text()[-3000:], file=sys.stderr)
 
     if WORKER:
         from clipdistill.core.locks import exclusive
