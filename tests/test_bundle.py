@@ -234,6 +234,51 @@ def test_check_bundle_catches_a_changed_file_and_the_cli_says_so(bundle, tmp_pat
     assert "FAIL  jetson/labels.txt" in out and "differs from the manifest" in out and "FAIL  jetson" in out
 
 
+def test_check_bundle_asks_each_model_again_for_the_answers_recorded_where_it_was_written(bundle, exported, tmp_path,
+                                                                                          capsys):
+    """The bundle keeps probe images (the run's own test images, at the network's side) and each model's
+    outputs on them; check-bundle runs every model again on them, as it would on the device. Here, on
+    the machine that wrote them, both files give their answers back; the INT8 file shipped in the fp32
+    file's place (manifest re-hashed, as a hand-made copy would be) fails the fp32 tolerance on its own
+    line, and answers no longer given (the INT8 file's recorded top-1 moved) fail that file."""
+    from clipdistill.cli import main
+    from clipdistill.deploy.bundle import MANIFEST, hashes, write_bundle
+
+    fp32, int8 = exported["fp32"].name, exported["int8"].name
+    copy = tmp_path / "b"
+    write_bundle([bundle / fp32, bundle / int8], copy, [], 1)
+    man = json.loads((copy / MANIFEST).read_text())
+    assert {"probe.npy", "answers.json"} <= set(man["files"])
+    probe = np.load(copy / "probe.npy", allow_pickle=False)
+    rec = json.loads((copy / "answers.json").read_text())
+    side = json.loads(exported["fp32"].with_suffix(".json").read_text())["input"]["size"]
+    assert probe.shape == (16, side, side, 3) and probe.dtype == np.uint8 and probe.std() > 10
+    assert rec["images"].startswith("16 test images of ") and set(rec["models"]) == {fp32, int8}
+    assert main(["check-bundle", str(copy), "--images", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("(CPU) here: top-1 as recorded on 16 of 16 probe images, max |diff| 0 ") == 2, out
+
+    def rehashed():
+        man["files"] = hashes(copy)
+        (copy / MANIFEST).write_text(json.dumps(man))
+
+    (copy / fp32).write_bytes((copy / int8).read_bytes())
+    rehashed()
+    assert main(["check-bundle", str(copy), "--images", "0"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  {fp32}" in out and "an fp32 file must stay within 0.001 of its outputs' scale" in out
+    assert f"pass  {int8}" in out
+
+    (copy / fp32).write_bytes((bundle / fp32).read_bytes())
+    rec["models"][int8]["top1"] = [(t + 1) % 10 for t in rec["models"][int8]["top1"]]
+    (copy / "answers.json").write_text(json.dumps(rec))
+    rehashed()
+    assert main(["check-bundle", str(copy), "--images", "0"]) == 1
+    out = capsys.readouterr().out
+    assert f"pass  {fp32}" in out and f"FAIL  {int8}" in out
+    assert "top-1 as recorded on 0 of 16 probe images" in out and "must keep top-1 on 90% of them" in out
+
+
 def test_bundle_flag_is_checked_against_the_registry(trained_run):
     from clipdistill.deploy.bundle import target_names
     from clipdistill.deploy.export import ExportConfig

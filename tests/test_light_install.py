@@ -233,6 +233,10 @@ def test_check_bundle_on_the_device_install_checks_what_it_can(exported, tmp_pat
     # hashed and passed where only the hash can be checked; the ONNX files' lint said as skipped
     assert {f for f in manifest["files"] if not f.endswith(".onnx")} <= {f for f, w in checked.items() if w == "pass"}
     assert "polygraphy is not installed" in r["stdout"] and "needs the onnx module" in r["stdout"]
+    # every model run again here on the probe images, with the answers recorded at export
+    assert r["stdout"].count("(CPU) here: top-1 as recorded on 16 of 16 probe images") == len(manifest["models"])
+    bare = json.loads(_python((*device, "onnxruntime"), PREDICT, "check-bundle", str(bundle)).stdout.splitlines()[-1])
+    assert bare["rc"] == 0 and "onnxruntime is not installed, so the answers recorded" in bare["stdout"], bare
     # a damaged copy and a file added where a runtime reads fail, each named
     model = bundle / manifest["models"][0]
     data = bytearray(model.read_bytes())

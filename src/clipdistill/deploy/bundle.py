@@ -33,6 +33,7 @@ import numpy as np
 from ..core import atomic
 from ..core.config import Options, check, option
 from ..core.errors import ClipDistillError, ConfigError
+from . import bundle_answers as answers
 from .model_file import sidecar_path
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,13 @@ def write_bundle(onnx_files: list[Path], folder: Path, targets: list[str], batch
         ctx = _context(new, [p.name for p in onnx_files], batch)
         if ctx.classes:
             atomic.write_text(new / LABELS, "".join(f"{c}\n" for c in ctx.classes))
+        images, where = run_test_images(ctx.models[0].info, answers.PROBE_IMAGES)
+        recorded = answers.record(new, {m.path.name: m.info for m in ctx.models}, answers.probe_pixels(
+            images, ctx.input), where if images is not None else f"seeded noise ({where})")
         entries = []
         for name in targets:
             entries += TARGETS.get(name).write(ctx)
-        atomic.write_text(new / README, readme(ctx, entries, targets))
+        atomic.write_text(new / README, readme(ctx, entries, targets, recorded))
         set_modes(new)
         manifest = {"format": FORMAT, "clipdistill": _version(), "targets": list(targets), "batch": batch,
                     "models": [p.name for p in onnx_files], "files": hashes(new),
@@ -179,7 +183,7 @@ def hashes(folder: Path) -> dict:
     return out
 
 
-def readme(ctx, entries: list, targets: list[str]) -> str:
+def readme(ctx, entries: list, targets: list[str], recorded: bool = False) -> str:
     """Which file goes to which runtime, with the command; the preprocessing in words; what was
     not run here."""
     rec = ctx.input
@@ -189,6 +193,9 @@ def readme(ctx, entries: list, targets: list[str]) -> str:
     rows = [f"| {e.runtime} | {code(e.file)} | {code(e.command)} | {e.note} |" for e in entries]
     models = "\n".join(f"- `{ctx.rel(m.path)}` ({m.precision}, {m.info.get('output')} out; sidecar "
                        f"`{sidecar_path(m.path).name}`)" for m in ctx.models)
+    probe = (f"- `{answers.PROBE}`, `{answers.ANSWERS}`: {answers.PROBE_IMAGES} probe images at the network's side and "
+             f"each model's outputs on them where this bundle was written; `clipdistill check-bundle .` asks this "
+             f"machine's ONNX Runtime again\n") if recorded else ""
     return f"""# Deployment bundle: {ctx.reference.info.get('name')} ({ctx.reference.info.get('role')})
 
 Written by clipdistill {_version()} for: {', '.join(targets) or 'no runtime'}. Commands run from this folder.
@@ -198,7 +205,7 @@ Written by clipdistill {_version()} for: {', '.join(targets) or 'no runtime'}. C
 {models}
 - `{LABELS}`: one class per line ({len(ctx.classes)} classes)
 - `{MANIFEST}`: sha256 and size of every file; `clipdistill check-bundle .` checks them and every runtime's files
-
+{probe}
 ## Preprocessing (every runtime's files are derived from this record)
 
 RGB, stretched to {rec['size']}x{rec['size']} ({rec['interpolation']}, no crop, aspect ratio not kept), pixels / 255,
@@ -327,6 +334,18 @@ def check_bundle(folder: str | Path, images: Optional[np.ndarray] = None) -> dic
                               "the file was not linted")
         elif linted[str(folder / first[now[rel]["sha256"]])]:
             files[rel].append(linted[str(folder / first[now[rel]["sha256"]])])
+    ran: dict[str, str] = {}
+    present = {m: atomic.read_json(sidecar_path(folder / m)) for m in man["models"]
+               if (folder / m).is_file() and sidecar_path(folder / m).is_file()}
+    try:
+        for rel, (problems, said) in answers.replay(folder, present).items():
+            files.setdefault(rel, []).extend(problems)
+            ran[rel] = said
+    except ModuleNotFoundError:
+        for rel in present:
+            files.setdefault(rel, []).append(f"skipped: onnxruntime is not installed, so the answers recorded in "
+                                             f"{answers.ANSWERS} were not asked again (pip install "
+                                             f"'clipdistill[device]')")
     ctx = _context(folder, man["models"], int(man["batch"]))
     targets = {}
     for name in man["targets"]:
@@ -341,7 +360,7 @@ def check_bundle(folder: str | Path, images: Optional[np.ndarray] = None) -> dic
             targets[name] = [f"skipped: needs the {e.name or 'a missing'} module, not installed here (the training "
                              f"install has it: pip install 'clipdistill[train]')"]
     failed = [p for ps in [*files.values(), *targets.values()] for p in ps if not p.startswith("skipped:")]
-    return {"path": str(folder), "files": files, "targets": targets, "extra": extra, "passed": not failed}
+    return {"path": str(folder), "files": files, "targets": targets, "ran": ran, "extra": extra, "passed": not failed}
 
 
 # ------------------------------------------------------------------------------ the verb
@@ -360,7 +379,11 @@ def _test_images(folder: Path, n: int) -> tuple[Optional[np.ndarray], str]:
     if n == 0:
         return None, "--images 0"
     man = atomic.read_json(folder / MANIFEST)
-    info = atomic.read_json(sidecar_path(folder / man["models"][0]))
+    return run_test_images(atomic.read_json(sidecar_path(folder / man["models"][0])), n)
+
+
+def run_test_images(info: dict, n: int) -> tuple[Optional[np.ndarray], str]:
+    """Up to n test images of the run a model (its sidecar `info`) was exported from, or (None, why)."""
     run = (info.get("source") or {}).get("run")
     if not run or not (Path(run) / "config.json").is_file():
         return None, "the source run is not on this machine"
@@ -390,7 +413,8 @@ def text(res: dict, cfg=None) -> str:
         for name, problems in res[kind].items():
             fails = [p for p in problems if not p.startswith("skipped:")]
             word = "FAIL" if fails else "skip" if problems else "pass"
-            lines.append(f"{word}  {name}" + "".join(f"\n      {p}" for p in problems))
+            said = (res.get("ran") or {}).get(name) if kind == "files" else None
+            lines.append(f"{word}  {name}" + "".join(f"\n      {p}" for p in [*problems, *([said] if said else [])]))
     extra = res.get("extra") or []
     if extra:
         lines.append(f"note  {len(extra)} file(s) beside the bundle's own, not in {MANIFEST} and not checked: "

@@ -86,13 +86,19 @@ def preprocess(img, spec: dict) -> np.ndarray:
     return _normalised(np.asarray(_resized(img, spec)), spec)
 
 
-def prepare(images_u8: np.ndarray, spec: dict) -> np.ndarray:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, S, S), as the record says; each image is what
-    `preprocess` makes of it. Images already at the side are normalised in one step."""
+def at_side(images_u8: np.ndarray, spec: dict) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> uint8 (N, S, S, 3) by the record's resize rule: the pixels the network
+    is given (the array itself when already at the side)."""
     images_u8 = np.asarray(images_u8)
     size = int(spec["size"])
     if len(images_u8) and images_u8.shape[1:3] != (size, size):
         from PIL import Image
 
         images_u8 = np.stack([np.asarray(_resized(Image.fromarray(im), spec)) for im in images_u8])
-    return _normalised(images_u8, spec)
+    return images_u8
+
+
+def prepare(images_u8: np.ndarray, spec: dict) -> np.ndarray:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, S, S), as the record says; each image is what
+    `preprocess` makes of it. Images already at the side are normalised in one step."""
+    return _normalised(at_side(images_u8, spec), spec)
