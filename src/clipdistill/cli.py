@@ -171,13 +171,16 @@ VERBS.add("compress", Verb(
 VERBS.add("check-bundle", Verb(
     "check a deployment bundle: its manifest, a lint of each ONNX file, and every runtime's files",
     "Re-verifies the sha256 of every file of a bundle (OUT.bundle/, written by export, compress and fit-prompts) "
-    "and its modes (0644/0755), lints every ONNX file with `polygraphy check lint`, and runs each runtime's own "
+    "and its modes (0644/0755), runs every model again in this machine's ONNX Runtime on the bundle's probe images "
+    "and compares with the outputs recorded where it was written (on the device too: the check that its runtime "
+    "computes what the training machine did), lints every ONNX file with `polygraphy check lint`, and runs each "
+    "runtime's own "
     "check: jetson-inference's preprocessing emulated on real images against predict's, DeepStream's formula on its "
     "config's numbers, the Triton config parsed with Triton's protobuf, OpenCV DNN against ONNX Runtime, the timm "
     "folder loaded with timm. One pass/fail line per file and target; a check that cannot run here says `skip` "
     "and why. Exit 1 on any failure.\n\n"
     "examples:\n  clipdistill check-bundle runs/RUN/model.bundle\n"
-    "  clipdistill check-bundle runs/mine/model.bundle --images 0   # no test images: structure and formulas only",
+    "  clipdistill check-bundle runs/mine/model.bundle --images 0   # runtimes' checks without test images",
     ".deploy.bundle:CheckBundleConfig", ".deploy.bundle:run", ".deploy.bundle:text", json=JSON_HELP,
     failures=".deploy.bundle:failures", inputs={"metavar": "DIR", "help": "the bundle folder (OUT.bundle/)"}))
 

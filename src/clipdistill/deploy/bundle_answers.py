@@ -22,7 +22,8 @@ from typing import Optional
 import numpy as np
 
 from ..core import atomic
-from .inputs import at_side, prepare
+from .inputs import at_side
+from .targets._common import reference_logits
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,6 @@ def probe_pixels(images: Optional[np.ndarray], record: dict, n: int = PROBE_IMAG
     return at_side(np.asarray(images)[:n], record)
 
 
-def _outputs(path: Path, record: dict, pixels: np.ndarray) -> np.ndarray:
-    from .runtime import run_batches, session
-
-    return run_batches(session(path, threads=1, provider="cpu"), prepare(pixels, record), len(pixels))
-
-
 def record(folder: Path, models: dict[str, dict], pixels: np.ndarray, where: str) -> bool:
     """Write PROBE and ANSWERS into `folder` for `models` ({file name: its sidecar}); False (and
     nothing written) where ONNX Runtime is not installed."""
@@ -59,7 +54,7 @@ def record(folder: Path, models: dict[str, dict], pixels: np.ndarray, where: str
         return False
     answers = {}
     for name, info in models.items():
-        out = _outputs(folder / name, info["input"], pixels)
+        out = reference_logits(folder / name, info["input"], pixels)
         answers[name] = {"precision": str(info.get("precision", "fp32")), "top1": out.argmax(1).tolist(),
                          "outputs": out.astype(np.float32).tolist()}
     atomic.write_bytes(folder / PROBE, _npy(pixels))
@@ -92,7 +87,7 @@ def replay(folder: Path, models: dict[str, dict]) -> dict[str, tuple[list[str], 
             continue  # a missing file is the manifest check's to say
         ref = np.asarray(want["outputs"], dtype=np.float32)
         try:
-            got = _outputs(folder / name, models[name]["input"], pixels)
+            got = reference_logits(folder / name, models[name]["input"], pixels)
         except Exception as e:  # noqa: BLE001 - unloadable, or a run ONNX Runtime refuses (its own types)
             res[name] = ([f"ONNX Runtime {onnxruntime.__version__} here cannot run it: {str(e).splitlines()[0]}"], "")
             continue
