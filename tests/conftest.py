@@ -153,7 +153,26 @@ def assert_plain_log(text: str, epochs: int) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _teacher_in_background(request, cache_dir):
+def _temporary_files_inside_basetemp(tmp_path_factory):
+    """Every temporary file of the session's processes under pytest's own folder, removed with it:
+    torchrun's torchelastic_* folders and the two that `import wandb` (img2dataset's) makes were
+    left in /tmp by every run."""
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+    yield folder
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _teacher_in_background(request, cache_dir, _temporary_files_inside_basetemp):
     """Start pre-training the tiny teacher in another process when the session starts, if a selected
     test needs it: it takes a minute or two on one thread (always one: `TinyTeacherConfig.threads`),
     which the tests that do not need it (run first: `teacher_last`) fill with work on the other core.
