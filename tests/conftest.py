@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Under pytest-xdist (`pytest -n 2`; `make test` runs without it) each worker computes on one thread,
 # itself and in the processes it starts: two workers of two threads on two cores crawl.
+# The machine's own temp folder, before the session moves TMPDIR under pytest's folder (mode 0700:
+# a test that reads files as another user works here instead).
+SYSTEM_TMP = tempfile.gettempdir()
+
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if WORKER:
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -54,7 +59,6 @@ DISK_NEEDED_GB = 2.5
 
 def pytest_collection_finish(session):
     import shutil
-    import tempfile
 
     heavy = any({"trained_run", "trained_teacher_file"} & set(getattr(it, "fixturenames", ())) for it in session.items)
     where = Path(session.config.option.basetemp or tempfile.gettempdir())
@@ -157,8 +161,6 @@ def _temporary_files_inside_basetemp(tmp_path_factory):
     """Every temporary file of the session's processes under pytest's own folder, removed with it:
     torchrun's torchelastic_* folders and the two that `import wandb` (img2dataset's) makes were
     left in /tmp by every run."""
-    import tempfile
-
     folder = tmp_path_factory.mktemp("tmp")
     before = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(folder)

@@ -136,7 +136,9 @@ def test_an_unreadable_file_and_folder_are_listed_and_read_once_readable():
     """Made unreadable for real: chmod 000, read by uid 65534 (root reads anything, so the check
     runs in a child that drops its effective uid; as a normal user it needs no uid change)."""
     src = str(Path(__file__).resolve().parents[1] / "src")
-    work = Path(tempfile.mkdtemp(prefix="clipdistill-perm-"))
+    from conftest import SYSTEM_TMP
+
+    work = Path(tempfile.mkdtemp(prefix="clipdistill-perm-", dir=SYSTEM_TMP))  # pytest's own folder is 0700
     try:
         work.chmod(0o755)  # uid 65534 must reach it
         for sub in ("warm", "pool", "pool/locked", "cache"):
