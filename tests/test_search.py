@@ -335,6 +335,20 @@ def test_service_error_answer_names_the_index(server, local, pool, random_teache
 
 # ---------------------------------------------------------------------------------------- download
 
+def test_download_leaves_nothing_in_the_temp_folder(local, tmp_path):
+    """img2dataset's worker processes import wandb, which makes two temporary folders that a worker
+    (ended by os._exit) never removes: every download left them in /tmp."""
+    pytest.importorskip("img2dataset")
+    from conftest import run_cli
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    proc = run_cli("download", "--results", str(local["out"] / "results.jsonl"), "--out", str(tmp_path / "shards"),
+                   "--no-progress", "--json", env={"TMPDIR": str(temp)})
+    assert json.loads(proc.stdout)["downloaded"] == PER_CLASS * len(local["prompts"])
+    assert sorted(p.name for p in temp.iterdir()) == []
+
+
 def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(server, local, pool,
                                                                             random_teacher_file, cache_dir,
                                                                             tmp_path, capfd):

@@ -166,7 +166,7 @@ def _run_img2dataset(cfg: DownloadConfig, url_list: Path, out: Path, columns: li
     # its tqdm bar only on a terminal: in a log, its '\r' frames are one line of garbage; its
     # per-shard lines stay
     quiet = not (cfg.progress and sys.stderr.isatty())
-    with _quiet_bar(quiet), _stdout_to_stderr():  # img2dataset talks on stdout, which is ours (--json)
+    with _quiet_bar(quiet), _stdout_to_stderr(), _workers_temp_folder(out / "counts"):
         img2dataset_download(
             url_list=str(url_list), input_format="jsonl", url_col="url", caption_col="caption",
             save_additional_columns=columns or None, output_format="webdataset", output_folder=str(out),
@@ -174,6 +174,23 @@ def _run_img2dataset(cfg: DownloadConfig, url_list: Path, out: Path, columns: li
             processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout, retries=cfg.retries,
             number_sample_per_shard=cfg.shard_size, incremental_mode="incremental", distributor="multiprocessing",
             enable_wandb=False, extract_exif=False, compute_hash="sha256")
+
+
+@contextlib.contextmanager
+def _workers_temp_folder(parent: Path):
+    """img2dataset's worker processes (spawned) import wandb, which makes two temporary folders at
+    import and, a worker ending with os._exit, never removes them: every download left them in /tmp.
+    The workers' TMPDIR is a scratch folder of ours, removed after (by the next run if killed)."""
+    before = os.environ.get("TMPDIR")
+    with atomic.temporary_folder(parent, "workers-tmp") as folder:
+        os.environ["TMPDIR"] = str(folder)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = before
 
 
 @contextlib.contextmanager
