@@ -335,26 +335,13 @@ def test_service_error_answer_names_the_index(server, local, pool, random_teache
 
 # ---------------------------------------------------------------------------------------- download
 
-def test_download_leaves_nothing_in_the_temp_folder(local, tmp_path):
-    """img2dataset's worker processes import wandb, which makes two temporary folders that a worker
-    (ended by os._exit) never removes: every download left them in /tmp."""
-    pytest.importorskip("img2dataset")
-    from conftest import run_cli
-
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    proc = run_cli("download", "--results", str(local["out"] / "results.jsonl"), "--out", str(tmp_path / "shards"),
-                   "--no-progress", "--json", env={"TMPDIR": str(temp)})
-    assert json.loads(proc.stdout)["downloaded"] == PER_CLASS * len(local["prompts"])
-    assert sorted(p.name for p in temp.iterdir()) == []
-
-
 def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(server, local, pool,
                                                                             random_teacher_file, cache_dir,
-                                                                            tmp_path, capfd):
+                                                                            tmp_path, capfd, monkeypatch):
     """The words-only road against the loopback service: search, then img2dataset downloads the
     results into shards (its 404s, timeouts, non-images and duplicates counted, never fatal), then
-    fit-prompts trains on the shards as a pool."""
+    fit-prompts trains on the shards as a pool. The download leaves nothing in the temp folder:
+    img2dataset's workers import wandb, whose two folders a worker (ended by os._exit) never removed."""
     pytest.importorskip("img2dataset")
     from clipdistill.cli import main
 
@@ -367,7 +354,15 @@ def test_download_counts_every_failure_and_fit_prompts_trains_on_the_shards(serv
     # of HTML) and 3 pool images
     dl = ["download", "--results", str(found / "results.jsonl"), "--timeout", "4", "--retries", "0", "--shard-size",
           "20", "--no-progress", "--json"]
+    workers_temp = tmp_path / "temp"
+    workers_temp.mkdir()
+    import tempfile
+
+    ours = tempfile.gettempdir()
+    monkeypatch.setenv("TMPDIR", str(workers_temp))  # what img2dataset's spawned workers would use
+    monkeypatch.setattr(tempfile, "tempdir", ours)  # this process keeps its own
     assert main(dl) == 0
+    assert sorted(p.name for p in workers_temp.iterdir()) == []
     said = capfd.readouterr()  # the file descriptors: img2dataset's worker processes write there
     res = json.loads(said.out)
     assert "\r" not in said.err and "worker" in said.err  # its per-shard lines, no progress frames
