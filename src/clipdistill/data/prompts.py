@@ -62,6 +62,11 @@ def prompt_key(prompt: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", prompt.casefold()).split())
 
 
+def folder_key(name: str) -> str:
+    """A class folder's name (`red_car`, `Red-Car`) as the words it names, compared like prompts."""
+    return prompt_key(name.replace("_", " "))
+
+
 def check_prompts(lines: Sequence[str], flag: str, path: str, warn: bool = True) -> list[str]:
     """`lines` if every prompt is a class of its own (ConfigError naming the copies otherwise);
     a warning for a single prompt."""
@@ -93,7 +98,7 @@ def read_prompt_file(path: str, flag: str = "--prompts", warn: bool = True) -> l
 def _names_in(name: str, prompt: str) -> bool:
     """Whether the class name (a folder: `red_car`, `Red-Car`) appears as whole words in the prompt,
     a plural ending allowed (`cats` names `cat`)."""
-    words = prompt_key(name.replace("_", " ").replace("-", " "))
+    words = folder_key(name)
     if not words:
         return False
     return re.search(rf"(?<!\w){re.escape(words)}(?:s|es)?(?!\w)", prompt_key(prompt)) is not None

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..core.errors import ConfigError
-from ..data.prompts import prompt_key
+from ..data.prompts import folder_key
 from ..deploy.reject import NONE_LABEL
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ def check_unprompted(eval_dir: str, classes: Sequence[str]) -> None:
         raise ConfigError(f"--eval {eval_dir}: {root} holds files directly ({', '.join(loose[:3])}"
                           f"{', ...' if len(loose) > 3 else ''}); put images of things no prompt names in "
                           f"{root}/<what they are>/ (a folder per kind, e.g. {root}/ring/)")
-    keys = {prompt_key(c.replace("_", " ").replace("-", " ")): c for c in classes}
-    clash = [(d.name, keys[k]) for d in sorted(root.iterdir()) if d.is_dir() and _visible(d)
-             for k in [prompt_key(d.name.replace("_", " ").replace("-", " "))] if k in keys]
+    keys = {folder_key(c): c for c in classes}
+    clash = [(d.name, keys[folder_key(d.name)]) for d in sorted(root.iterdir())
+             if d.is_dir() and _visible(d) and folder_key(d.name) in keys]
     if clash:
         named = ", ".join(f"{FOLDER}/{a}/ has the name of test/{b}/" for a, b in clash)
         raise ConfigError(f"--eval {eval_dir}: {named}, a prompted class; {FOLDER}/ holds images of things no prompt "
