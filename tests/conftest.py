@@ -162,15 +162,10 @@ def _temporary_files_inside_basetemp(tmp_path_factory):
     torchrun's torchelastic_* folders and the two that `import wandb` (img2dataset's) makes were
     left in /tmp by every run."""
     folder = tmp_path_factory.mktemp("tmp")
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(folder)
-    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
-    yield folder
-    if before is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = before
-    tempfile.tempdir = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(folder))
+        mp.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+        yield folder
 
 
 @pytest.fixture(scope="session", autouse=True)
